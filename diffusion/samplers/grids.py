@@ -1,0 +1,54 @@
+"""Time grids for sampling: decreasing float64 tensors from the start time (usually 1) to the
+end time (usually 0); a sampler takes one step per consecutive pair."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffusion._checks import check_choice, check_positive
+from diffusion.timesteps import time_shift
+
+DDPM_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def uniform(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> Tensor:
+    """``steps + 1`` equally spaced times from ``t_start`` down to ``t_end``."""
+    check_positive("steps", steps)
+    return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+
+
+def shifted(steps: int, shift: float, t_start: float = 1.0, t_end: float = 0.0) -> Tensor:
+    """A uniform grid through the SD3 / FLUX time shift; ``shift > 1`` spends more steps at
+    high noise. diffusers' ``FlowMatchEulerDiscreteScheduler(shift=...)`` uses the same map."""
+    check_positive("shift", shift)
+    return time_shift(uniform(steps, t_start, t_end), shift)
+
+
+def ddpm(steps: int, spacing: str = "leading", num_train_steps: int = 1000, steps_offset: int = 0) -> Tensor:
+    """The DDPM step spacings of Lin et al. 2024 (Table 2), as diffusers' ``DDPMScheduler``
+    chooses its timesteps, mapped to t = (i + 1) / N with a last step to t = 0 (clean data).
+    Only "trailing" and "linspace" start at the last training step (t = 1)."""
+    check_choice("spacing", spacing, DDPM_SPACINGS)
+    n = num_train_steps
+    if not 0 < steps <= n:
+        raise ValueError(f"steps must be in 1..num_train_steps={n}, got {steps}")
+    if spacing == "linspace":
+        idx = torch.linspace(0, n - 1, steps, dtype=torch.float64).round().flip(0)
+    elif spacing == "leading":
+        idx = (torch.arange(steps, dtype=torch.float64) * (n // steps)).round().flip(0) + steps_offset
+    else:  # trailing
+        idx = (torch.arange(n, 0, -n / steps, dtype=torch.float64)).round() - 1
+    return torch.cat([(idx + 1) / n, torch.zeros(1, dtype=torch.float64)])
+
+
+def check_grid(grid: Tensor) -> Tensor:
+    """A grid must be 1-D with at least 2 times in [0, 1], strictly decreasing."""
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError(f"a time grid needs at least 2 times in a 1-D tensor, got shape {tuple(grid.shape)}")
+    if not bool(((grid >= 0) & (grid <= 1)).all()):
+        raise ValueError(f"grid times must lie in [0, 1], got min {grid.min().item()}, max {grid.max().item()}")
+    if not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError("grid times must be strictly decreasing (from noise at t = 1 towards data at t = 0)")
+    return grid
