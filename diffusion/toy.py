@@ -60,27 +60,35 @@ class GaussianMixture:
         return alpha * x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
 
     def posterior_mean(self, x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
-        """E[x0 | x_t] for x_t of shape (B, D) and alpha, sigma scalars or of shape (B,)."""
+        """E[x0 | x_t] for x_t of shape (B, D) and alpha, sigma scalars or of shape (B,).
+
+        Given component k, x_t ~ N(alpha m_k, C_k) with C_k = alpha^2 S_k + sigma^2 I, and
+        E[x0 | x_t, k] = m_k + alpha S_k C_k^-1 (x_t - alpha m_k); the components are weighted
+        by their posterior responsibilities."""
         x_t = x_t.to(torch.float64)
-        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1, 1)  # (P, 1, 1, 1), P = 1 or B
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
-        eye = torch.eye(self.dim, dtype=torch.float64)
-        marg_cov = a**2 * self.covs + s**2 * eye  # (B, K, D, D): covariance of x_t given component k
+        marg_cov = a**2 * self.covs + s**2 * torch.eye(self.dim, dtype=torch.float64)  # (P, K, D, D)
+        precision = torch.linalg.inv(marg_cov)
+        log_det = torch.logdet(marg_cov)  # (P, K)
         resid = x_t[:, None, :] - a[..., 0] * self.means  # (B, K, D)
-        chol = torch.linalg.cholesky(marg_cov)
-        solved = torch.cholesky_solve(resid.unsqueeze(-1), chol).squeeze(-1)  # marg_cov^-1 resid
-        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        log_resp = self.weights_log - 0.5 * ((resid * solved).sum(-1) + log_det)
-        resp = torch.softmax(log_resp, dim=-1)  # (B, K)
-        cond_means = self.means + a[..., 0] * torch.einsum("bkij,bkj->bki", self.covs.expand_as(marg_cov), solved)
-        return torch.einsum("bk,bkd->bd", resp, cond_means)
+        # One shared time (P = 1, every sampler call) applies K matrices to all samples at once.
+        pattern = "kij,bkj->bki" if precision.shape[0] == 1 else "bkij,bkj->bki"
+        solved = torch.einsum(pattern, precision.squeeze(0) if precision.shape[0] == 1 else precision, resid)
+        log_resp = self.weights_log - 0.5 * ((resid * solved).sum(-1) + log_det)  # (B, K)
+        gain = torch.einsum("kij,bkj->bki", self.covs, solved)  # S_k C_k^-1 resid
+        cond_means = self.means + a[..., 0] * gain
+        return torch.einsum("bk,bkd->bd", torch.softmax(log_resp, dim=-1), cond_means)
 
     def denoiser(self, schedule: Schedule):
         """The exact model of ``schedule``: ``model(x_t, t) = c x0_hat + d xT_hat`` with
         ``x0_hat = E[x0 | x_t]`` and ``xT_hat = (x_t - alpha x0_hat) / sigma``."""
 
         def model(x_t: Tensor, t: Tensor) -> Tensor:
-            k = schedule.at(t.to(torch.float64))
+            t = t.to(torch.float64)
+            if t.numel() > 1 and bool((t == t[0]).all()):
+                t = t[:1]  # a sampler's batch shares one time: one set of matrices, not B
+            k = schedule.at(t)
             x0 = self.posterior_mean(x_t, k.alpha, k.sigma)
             kx = k.like(x0)
             xT = (x_t - kx.alpha * x0) / kx.sigma

@@ -116,15 +116,18 @@ def heun(
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1),
-    in its noise-prediction form: with ``y = x / alpha`` and ``tau = sigma / alpha``,
-    ``dy / dtau = xT_hat``, and Euler in these variables is exactly the DDIM step. The trapezoid
-    averages the two noise estimates: ``x_s = alpha_s (x_t / alpha_t + (tau_s - tau_t) mean(xT_hat))``.
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1).
 
-    Where ``alpha_t = 0`` (t = 1 of flow matching or of a zero-terminal-SNR schedule) ``tau`` is
-    infinite, so that step uses the same trapezoid on the data-prediction form
-    (``z = x / sigma``, ``rho = alpha / sigma``, ``dz / drho = x0_hat``) instead. The last step to
-    sigma = 0 is Euler, as in the paper. Two model calls per step, one on the last."""
+    The ODE has two natural linear forms, and Euler in either is exactly the DDIM step:
+    noise prediction, ``y = x / alpha``, ``tau = sigma / alpha``, ``dy / dtau = xT_hat`` (Karras'
+    form), and data prediction, ``z = x / sigma``, ``rho = alpha / sigma``, ``dz / drho = x0_hat``.
+    ``tau`` blows up at high noise (it is infinite at t = 1 of flow matching) and ``rho`` at low
+    noise, so each step integrates in the one that is bounded on it: ``tau`` (<= 1 on the step)
+    if it starts at SNR >= 1, ``rho`` (< 1 at its start) otherwise; neither then divides by a
+    vanishing alpha or sigma, whatever the step size. The trapezoid averages the two estimates:
+    ``x_s = (alpha_s / alpha_t) x_t + (sigma_s - alpha_s tau_t) mean(xT_hat)``, or
+    ``x_s = (sigma_s / sigma_t) x_t + (alpha_s - sigma_s rho_t) mean(x0_hat)``.
+    The last step to sigma = 0 is Euler, as in the paper. Two model calls per step, one on the last."""
     total = len(grid) - 1
     for st in _steps(schedule, x, grid, progress):
         kt, ks = st.kt, st.ks
@@ -134,9 +137,8 @@ def heun(
             x = x_euler
         else:
             x0_s, xT_s = _estimate(model, x_euler, torch.full_like(st.t_batch, st.s), ks)
-            if kt.alpha > 0:
-                xT = 0.5 * (xT + xT_s)
-                x = (ks.alpha / kt.alpha) * x + (ks.sigma - ks.alpha * kt.sigma / kt.alpha) * xT
+            if kt.sigma <= kt.alpha:
+                x = (ks.alpha / kt.alpha) * x + (ks.sigma - ks.alpha * kt.sigma / kt.alpha) * (0.5 * (xT + xT_s))
             else:
                 x0 = 0.5 * (x0 + x0_s)
                 x = (ks.sigma / kt.sigma) * x + (ks.alpha - ks.sigma * kt.alpha / kt.sigma) * x0

@@ -1,0 +1,144 @@
+"""Every sampler, for every theory, against the exact denoiser of known data distributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion.samplers import SAMPLERS, ancestral, ddim, dpmpp_2m, euler, get_sampler, grids, heun
+from diffusion.toy import GaussianMixture
+from tests.theories import THEORIES
+
+F64 = torch.float64
+GAUSSIAN = GaussianMixture.gaussian([1.0, -2.0], [[0.5, 0.2], [0.2, 0.3]])
+MIXTURE = GaussianMixture(
+    [0.5, 0.3, 0.2],
+    [[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]],
+    [[[0.3, 0.1], [0.1, 0.2]], [[0.2, 0.0], [0.0, 0.4]], [[0.25, -0.1], [-0.1, 0.15]]],
+)
+DETERMINISTIC = {"euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m}
+
+
+def _start(data: GaussianMixture, schedule, grid, z):
+    """The exact marginal at the grid's first time, so only discretisation error remains."""
+    k = schedule.at(grid[0])
+    if data.means.shape[0] != 1:
+        return data.sample_noisy(z.shape[0], k.alpha.item(), k.sigma.item(), torch.Generator().manual_seed(1))
+    chol = torch.linalg.cholesky(k.alpha**2 * data.covs[0] + k.sigma**2 * torch.eye(data.dim, dtype=F64))
+    return k.alpha * data.means[0] + z @ chol.T
+
+
+def gaussian_error(theory: str, sampler, steps: int) -> float:
+    """A deterministic sampler with the exact (linear) denoiser of a Gaussian is an affine map
+    x_T -> A x_T + b, so its output law N(b, A A^T) is read off exactly from 1 + D probes."""
+    make, grid_of = THEORIES[theory]
+    schedule, grid = make(), grid_of(steps)
+    probes = torch.cat([torch.zeros(1, 2), torch.eye(2)]).to(F64)
+    out = sampler(GAUSSIAN.denoiser(schedule), schedule, _start(GAUSSIAN, schedule, grid, probes), grid)
+    b, a = out[0], (out[1:] - out[0]).T
+    return ((b - GAUSSIAN.mean).norm() + (a @ a.T - GAUSSIAN.cov).norm()).item()
+
+
+@pytest.mark.parametrize("sampler", DETERMINISTIC)
+@pytest.mark.parametrize("theory", THEORIES)
+def test_deterministic_error_falls_with_steps(theory, sampler):
+    errors = [gaussian_error(theory, DETERMINISTIC[sampler], n) for n in (10, 40, 160)]
+    assert errors[0] > errors[1] > errors[2], errors
+    tolerance = 0.04 if sampler == "euler" else 0.02  # of the covariance's norm, at 160 steps
+    assert errors[2] < tolerance * GAUSSIAN.cov.norm().item(), errors
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("theory", THEORIES)
+def test_second_order_beats_euler_at_equal_model_evaluations(theory, steps):
+    # Heun makes 2 calls a step but 1 on the last; DPM-Solver++(2M) makes 1.
+    assert gaussian_error(theory, heun, steps) < gaussian_error(theory, euler, 2 * steps - 1)
+    assert gaussian_error(theory, dpmpp_2m, steps) < gaussian_error(theory, euler, steps)
+
+
+def _moments_error(data, theory, sampler, steps, n, seed=0, **kwargs):
+    make, grid_of = THEORIES[theory]
+    schedule, grid = make(), grid_of(steps)
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    x = sampler(data.denoiser(schedule), schedule, _start(data, schedule, grid, z), grid, **kwargs)
+    return (x.mean(0) - data.mean).norm().item(), (torch.cov(x.T) - data.cov).norm().item() / data.cov.norm().item()
+
+
+@pytest.mark.parametrize("theory", ["flow", "ddpm-linear-eps", "ddpm-scaled-v-zero-snr"])
+def test_ancestral_error_falls_with_steps(theory):
+    """Stochastic: Monte Carlo with common random numbers; its noise (~0.01) is far below the gaps."""
+    errors = [_moments_error(GAUSSIAN, theory, ancestral, n, 40_000, generator=torch.Generator().manual_seed(2))[1]
+              for n in (10, 40, 160)]
+    assert errors[0] > 2 * errors[1] and errors[1] > 1.5 * errors[2], errors
+
+
+SAMPLER_KWARGS = {
+    "euler": {},
+    "ddim": {"eta": 0.5, "generator": torch.Generator().manual_seed(3)},
+    "ancestral": {"generator": torch.Generator().manual_seed(3)},
+    "heun": {},
+    "dpmpp_2m": {},
+}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("theory", THEORIES)
+def test_samples_reproduce_a_gaussian_mixture(theory, sampler):
+    """Mean within 0.06 (5 Monte Carlo standard errors) and covariance within 6 % at 100 steps."""
+    mean_error, cov_error = _moments_error(MIXTURE, theory, get_sampler(sampler), 100, 12_000, **SAMPLER_KWARGS[sampler])
+    assert mean_error < 0.06 and cov_error < 0.06, (mean_error, cov_error)
+
+
+def test_callback_sees_every_step_and_no_bar_is_printed_unless_asked(capsys):
+    schedule, grid = THEORIES["flow"][0](), grids.uniform(5)
+    seen = []
+    x = torch.randn(8, 2, dtype=F64)
+    for sampler in SAMPLERS.values():
+        seen.clear()
+        sampler(GAUSSIAN.denoiser(schedule), schedule, x, grid, callback=seen.append)
+        assert [s.index for s in seen] == list(range(5)) and seen[-1].s == 0.0 and seen[0].total == 5
+        assert seen[-1].x.shape == x.shape and seen[-1].x0_hat.shape == x.shape
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    euler(GAUSSIAN.denoiser(schedule), schedule, x, grid, progress=True)
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_model_sees_continuous_times_on_the_grid_and_a_batch_of_them():
+    calls = []
+
+    def model(x, t):
+        calls.append(t.clone())
+        return torch.zeros_like(x)
+
+    schedule = THEORIES["flow"][0]()
+    heun(model, schedule, torch.randn(3, 2), grids.uniform(4))
+    assert all(t.shape == (3,) for t in calls)
+    assert [round(t[0].item(), 6) for t in calls] == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_unknown_sampler_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"sampler='dpm'.*'euler', 'ddim', 'ancestral', 'heun', 'dpmpp_2m'"):
+        get_sampler("dpm")
+
+
+@pytest.mark.parametrize(
+    "grid,match",
+    [
+        (torch.tensor([1.0]), "at least 2 times"),
+        (torch.tensor([0.0, 0.5, 1.0]), "strictly decreasing"),
+        (torch.tensor([1.2, 0.0]), r"in \[0, 1\]"),
+    ],
+)
+def test_bad_grids_are_refused(grid, match):
+    with pytest.raises(ValueError, match=match):
+        euler(lambda x, t: x, THEORIES["flow"][0](), torch.zeros(2, 2), grid)
+
+
+def test_bad_grid_arguments_are_refused():
+    with pytest.raises(ValueError, match=r"spacing='uniform'.*'leading', 'trailing', 'linspace'"):
+        grids.ddpm(10, "uniform")
+    with pytest.raises(ValueError, match="steps must be in 1..num_train_steps"):
+        grids.ddpm(2000)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        grids.shifted(10, 0.0)
