@@ -91,7 +91,8 @@ def ddim(
             variance = (eta * ks.sigma / kt.sigma) ** 2 * (kt.sigma**2 - (kt.alpha / ks.alpha) ** 2 * ks.sigma**2)
             variance = min(max(variance, 0.0), ks.sigma**2)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = ks.alpha * x0 + math.sqrt(ks.sigma**2 - variance) * xT + math.sqrt(variance) * noise
+            x = torch.add(x0 * ks.alpha, xT, alpha=math.sqrt(ks.sigma**2 - variance))
+            x.add_(noise, alpha=math.sqrt(variance))
         _report(callback, st, total, x, x0)
     return x
 
@@ -138,10 +139,11 @@ def heun(
         else:
             x0_s, xT_s = _estimate(model, x_euler, torch.full_like(st.t_batch, st.s), ks)
             if kt.sigma <= kt.alpha:
-                x = (ks.alpha / kt.alpha) * x + (ks.sigma - ks.alpha * kt.sigma / kt.alpha) * (0.5 * (xT + xT_s))
+                step = 0.5 * (ks.sigma - ks.alpha * kt.sigma / kt.alpha)
+                x = torch.add(x * (ks.alpha / kt.alpha), xT + xT_s, alpha=step)
             else:
                 x0 = 0.5 * (x0 + x0_s)
-                x = (ks.sigma / kt.sigma) * x + (ks.alpha - ks.sigma * kt.alpha / kt.sigma) * x0
+                x = torch.add(x * (ks.sigma / kt.sigma), x0, alpha=ks.alpha - ks.sigma * kt.alpha / kt.sigma)
         _report(callback, st, total, x, x0)
     return x
 
@@ -173,8 +175,8 @@ def dpmpp_2m(
             # e^-h = (alpha_t sigma_s) / (sigma_t alpha_s) stays finite where alpha_t = 0.
             exp_neg_h = (kt.alpha * ks.sigma) / (kt.sigma * ks.alpha)
             h = -math.log(exp_neg_h) if exp_neg_h > 0 else math.inf
-            d = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)
-            x = (ks.sigma / kt.sigma) * x - ks.alpha * (exp_neg_h - 1) * d
+            d = x0 if x0_prev is None else torch.add(x0 * (1 + h / (2 * h_prev)), x0_prev, alpha=-h / (2 * h_prev))
+            x = torch.add(x * (ks.sigma / kt.sigma), d, alpha=ks.alpha * (1 - exp_neg_h))
             h_prev = h
         x0_prev = x0
         _report(callback, st, total, x, x0)

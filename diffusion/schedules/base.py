@@ -37,6 +37,18 @@ def _right_pad(value: Scalar, ndim: int) -> Scalar:
     return value
 
 
+def _lincomb(a: Scalar, x: Tensor, b: Scalar, y: Tensor) -> Tensor:
+    """``a * x + b * y`` in as few passes over the data as the coefficients allow: samplers call
+    this with Python floats on every step, training with per-sample tensors."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        if b == 0:
+            return x * a
+        if a == 0:
+            return y * b
+        return torch.add(x * a, y, alpha=b)
+    return torch.addcmul(a * x, torch.as_tensor(b), y)
+
+
 @dataclass(frozen=True)
 class Coefficients:
     """The 2x2 matrix ``[[alpha, sigma], [c, d]]`` at one time, or at a batch of times.
@@ -74,17 +86,17 @@ class Coefficients:
 
     def add_noise(self, x0: Tensor, xT: Tensor) -> Tensor:
         """The data definition: ``x_t = alpha x0 + sigma xT``."""
-        return self.alpha * x0 + self.sigma * xT
+        return _lincomb(self.alpha, x0, self.sigma, xT)
 
     def target(self, x0: Tensor, xT: Tensor) -> Tensor:
         """The model definition: ``target = c x0 + d xT``."""
-        return self.c * x0 + self.d * xT
+        return _lincomb(self.c, x0, self.d, xT)
 
     def split(self, x_t: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """Invert the matrix: from ``(x_t, model output)`` to the estimates ``(x0_hat, xT_hat)``."""
         det = self.det
-        x0 = (self.d * x_t - self.sigma * output) / det
-        xT = (self.alpha * output - self.c * x_t) / det
+        x0 = _lincomb(self.d / det, x_t, -self.sigma / det, output)
+        xT = _lincomb(-self.c / det, x_t, self.alpha / det, output)
         return x0, xT
 
     @property
