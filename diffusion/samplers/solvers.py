@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from diffusion.schedules import Coefficients, Schedule
 from diffusion.samplers.grids import check_grid
