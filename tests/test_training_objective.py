@@ -108,6 +108,18 @@ def test_min_snr_for_flow_matching_and_the_end_points():
     assert torch.equal(NoWeighting()(FlowMatching().at(t)), torch.ones_like(t))
 
 
+@pytest.mark.parametrize("schedule", [DDPM("linear", "x0"), FlowMatching("x0"), DDPM("linear", "eps"), DDPM("linear", "v")])
+def test_min_snr_is_finite_at_t0_where_sigma_over_det_is_0_over_0(schedule):
+    """Uniform times can be exactly 0 over a long run; x0-prediction has det = -sigma = 0 there."""
+    t = torch.tensor([0.0, 1e-3], dtype=torch.float64)
+    w = MinSNR(5.0)(schedule.at(t))
+    assert bool(torch.isfinite(w).all()), w
+    if schedule.prediction == "x0":  # x0 error = output error: weight min(SNR, gamma) = gamma near data
+        assert w.tolist() == [5.0, 5.0]
+    loss = DiffusionObjective(schedule, weighting=MinSNR())(lambda x, tt: torch.zeros_like(x), torch.randn(2, 3), t=t.float())
+    assert torch.isfinite(loss.loss)
+
+
 # --- the objective ----------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", [FlowMatching(), DDPM(prediction="v"), DDPM("cosine", "x0")])
 def test_objective_is_zero_for_the_oracle_and_the_weighted_mse_otherwise(schedule):

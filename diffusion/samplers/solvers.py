@@ -37,6 +37,7 @@ Callback = Callable[[StepInfo], None]
 
 class _Step(NamedTuple):
     index: int
+    total: int
     t: float
     s: float
     kt: Coefficients  # matrix at t, as Python floats
@@ -51,18 +52,20 @@ def _steps(schedule: Schedule, x: Tensor, grid: Tensor, progress: bool) -> Itera
     coeffs = schedule.at(grid).unbind()
     times = grid.tolist()
     n = len(times) - 1
+    # The model sees t in at least float32: in bf16, t = 0.999 would read as 0.996.
+    t_dtype = torch.promote_types(x.dtype, torch.float32)
     for i in tqdm(range(n), disable=not progress, desc="sampling", leave=False):
-        t_batch = torch.full((x.shape[0],), times[i], device=x.device, dtype=x.dtype)
-        yield _Step(i, times[i], times[i + 1], coeffs[i], coeffs[i + 1], t_batch)
+        t_batch = torch.full((x.shape[0],), times[i], device=x.device, dtype=t_dtype)
+        yield _Step(i, n, times[i], times[i + 1], coeffs[i], coeffs[i + 1], t_batch)
 
 
 def _estimate(model: Denoiser, x: Tensor, step_t: Tensor, k: Coefficients) -> tuple[Tensor, Tensor]:
     return k.split(x, model(x, step_t))
 
 
-def _report(callback: Callback | None, st: _Step, total: int, x: Tensor, x0: Tensor) -> None:
+def _report(callback: Callback | None, st: _Step, x: Tensor, x0: Tensor) -> None:
     if callback is not None:
-        callback(StepInfo(st.index, total, st.t, st.s, x, x0))
+        callback(StepInfo(st.index, st.total, st.t, st.s, x, x0))
 
 
 @torch.no_grad()
@@ -81,7 +84,6 @@ def ddim(
     ``x_s = alpha_s x0_hat + sigma_s xT_hat`` (Euler for flow matching); ``eta = 1`` draws from the
     posterior q(x_s | x_t, x0 = x0_hat), i.e. DDPM ancestral sampling. For any path the posterior
     noise is ``eta * (sigma_s / sigma_t) * sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2)``."""
-    total = len(grid) - 1
     for st in _steps(schedule, x, grid, progress):
         x0, xT = _estimate(model, x, st.t_batch, st.kt)
         kt, ks = st.kt, st.ks
@@ -93,7 +95,7 @@ def ddim(
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = torch.add(x0 * ks.alpha, xT, alpha=math.sqrt(ks.sigma**2 - variance))
             x.add_(noise, alpha=math.sqrt(variance))
-        _report(callback, st, total, x, x0)
+        _report(callback, st, x, x0)
     return x
 
 
@@ -129,7 +131,6 @@ def heun(
     ``x_s = (alpha_s / alpha_t) x_t + (sigma_s - alpha_s tau_t) mean(xT_hat)``, or
     ``x_s = (sigma_s / sigma_t) x_t + (alpha_s - sigma_s rho_t) mean(x0_hat)``.
     The last step to sigma = 0 is Euler, as in the paper. Two model calls per step, one on the last."""
-    total = len(grid) - 1
     for st in _steps(schedule, x, grid, progress):
         kt, ks = st.kt, st.ks
         x0, xT = _estimate(model, x, st.t_batch, kt)
@@ -144,7 +145,7 @@ def heun(
             else:
                 x0 = 0.5 * (x0 + x0_s)
                 x = torch.add(x * (ks.sigma / kt.sigma), x0, alpha=ks.alpha - ks.sigma * kt.alpha / kt.sigma)
-        _report(callback, st, total, x, x0)
+        _report(callback, st, x, x0)
     return x
 
 
@@ -164,7 +165,6 @@ def dpmpp_2m(
     ``D = (1 + 1 / 2r) x0_hat_t - (1 / 2r) x0_hat_prev`` (first order on the first step and on
     the last step to sigma = 0, as diffusers' ``final_sigmas_type="zero"`` and k-diffusion do).
     One model call per step."""
-    total = len(grid) - 1
     x0_prev, h_prev = None, None
     for st in _steps(schedule, x, grid, progress):
         kt, ks = st.kt, st.ks
@@ -179,5 +179,5 @@ def dpmpp_2m(
             x = torch.add(x * (ks.sigma / kt.sigma), d, alpha=ks.alpha * (1 - exp_neg_h))
             h_prev = h
         x0_prev = x0
-        _report(callback, st, total, x, x0)
+        _report(callback, st, x, x0)
     return x

@@ -108,8 +108,11 @@ class Coefficients:
     def x0_error_scale(self) -> Scalar:
         """The factor turning an error in the model output into an error in ``x0_hat``:
         ``x0_hat - x0 = -(sigma / det) * (output - target)``. Loss weightings defined on the
-        x0 error convert to the model's own target through its square."""
-        return self.sigma / self.det
+        x0 error convert to the model's own target through its square. Where d = 0 (x0-type
+        predictions) it is -1 / c exactly, which also holds at t = 0, where sigma / det is 0 / 0."""
+        if isinstance(self.d, Tensor):
+            return torch.where(self.d == 0, -1 / self.c, self.sigma / self.det)
+        return -1 / self.c if self.d == 0 else self.sigma / self.det
 
 
 class Schedule(ABC):
@@ -233,10 +236,13 @@ def check_theory(schedule: Schedule, num: int = 1001) -> None:
     (0, 1] (samplers evaluate the model there). Raises ValueError naming what fails."""
     name = type(schedule).__name__
     t = torch.linspace(0, 1, num, dtype=torch.float64)
-    alpha, sigma, c, d = (f(t) for f in (schedule.alpha, schedule.sigma, schedule.c, schedule.d))
+    alpha, sigma, c, d = (torch.as_tensor(f(t)) for f in (schedule.alpha, schedule.sigma, schedule.c, schedule.d))
     for label, v in (("alpha", alpha), ("sigma", sigma), ("c", c), ("d", d)):
         if v.shape != t.shape or not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name}.{label}(t) must be finite and of the shape of t on [0, 1]")
+            raise ValueError(
+                f"{name}.{label}(t) must return finite values in a tensor of the shape of t on [0, 1] "
+                "(for a constant, return torch.full_like(t, value))"
+            )
     if not (math.isclose(alpha[0].item(), 1.0, abs_tol=1e-9) and abs(sigma[0].item()) < 1e-9):
         raise ValueError(
             f"{name}: t = 0 must be clean data, alpha(0) = 1 and sigma(0) = 0; "
