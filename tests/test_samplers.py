@@ -135,6 +135,25 @@ def test_bad_grids_are_refused(grid, match):
         euler(lambda x, t: x, THEORIES["flow"][0](), torch.zeros(2, 2), grid)
 
 
+@pytest.mark.parametrize("theory", ["flow", "ddpm-linear-eps", "ddpm-scaled-v-zero-snr", "trig"])
+def test_karras_grid_is_uniform_in_the_rho_th_root_of_the_noise_level(theory):
+    schedule = THEORIES[theory][0]()
+    grid = grids.karras(12, schedule, sigma_min=0.01, sigma_max=10.0, rho=7.0)
+    assert grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
+    k = schedule.at(grid[:-1])
+    levels = (k.sigma / k.alpha) ** (1 / 7)
+    expected = torch.linspace(10.0 ** (1 / 7), 0.01 ** (1 / 7), 12, dtype=F64)  # Karras et al. 2022, eq. 5
+    torch.testing.assert_close(levels, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_karras_grid_caps_sigma_max_at_the_schedules_end():
+    schedule = THEORIES["ddpm-linear-eps"][0]()
+    end = schedule.at(1.0)
+    grid = grids.karras(10, schedule, sigma_max=1e4)
+    assert grid[0].item() == pytest.approx(1.0, abs=1e-12)
+    assert (end.sigma / end.alpha).item() < 1e4
+
+
 def test_bad_grid_arguments_are_refused():
     with pytest.raises(ValueError, match=r"spacing='uniform'.*'leading', 'trailing', 'linspace'"):
         grids.ddpm(10, "uniform")
@@ -142,3 +161,5 @@ def test_bad_grid_arguments_are_refused():
         grids.ddpm(2000)
     with pytest.raises(ValueError, match="shift must be > 0"):
         grids.shifted(10, 0.0)
+    with pytest.raises(ValueError, match="need 0 < sigma_min < sigma_max"):
+        grids.karras(10, THEORIES["flow"][0](), sigma_min=1.0, sigma_max=0.5)

@@ -92,6 +92,13 @@ def test_log_snr_is_twice_log_alpha_over_sigma():
     torch.testing.assert_close(schedule.log_snr(t), torch.log(abar / (1 - abar)))
 
 
+@pytest.mark.parametrize("name", THEORIES)
+def test_t_at_log_snr_inverts_log_snr(name):
+    schedule = THEORIES[name][0]()
+    t = torch.linspace(0.01, 0.99, 50, dtype=F64)
+    torch.testing.assert_close(schedule.t_at_log_snr(schedule.log_snr(t)), t, rtol=1e-9, atol=1e-12)
+
+
 def test_a_new_theory_is_a_few_lines():
     source = inspect.getsource(TrigFlow)
     assert len(source.strip().splitlines()) <= 15

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from diffusion._checks import check_choice, check_positive
+from diffusion.schedules import Schedule
 from diffusion.timesteps import time_shift
 
 DDPM_SPACINGS = ("leading", "trailing", "linspace")
@@ -40,6 +41,24 @@ def ddpm(steps: int, spacing: str = "leading", num_train_steps: int = 1000, step
     else:  # trailing
         idx = (torch.arange(n, 0, -n / steps, dtype=torch.float64)).round() - 1
     return torch.cat([(idx + 1) / n, torch.zeros(1, dtype=torch.float64)])
+
+
+def karras(steps: int, schedule: Schedule, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022 (eq. 5): noise levels ``sigma / alpha`` uniform in their ``1/rho`` power
+    from ``sigma_max`` down to ``sigma_min`` (the paper's 80, 0.002, rho = 7), mapped to this
+    schedule's times, then a last step to t = 0. ``sigma_max`` is capped at the schedule's own
+    noise level at t = 1 (14.6 for Stable Diffusion's betas), as diffusers and k-diffusion do."""
+    check_positive("steps", steps)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    end = schedule.at(1.0)
+    if end.alpha > 0:
+        sigma_max = min(sigma_max, (end.sigma / end.alpha).item())
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    levels = (hi + ramp * (lo - hi)) ** rho
+    times = schedule.t_at_log_snr(-2 * torch.log(levels))
+    return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
 
 
 def check_grid(grid: Tensor) -> Tensor:

@@ -210,6 +210,17 @@ class Schedule(ABC):
         k = self.at(t)
         return 2 * (torch.log(k.alpha) - torch.log(k.sigma))
 
+    def t_at_log_snr(self, log_snr: Tensor, iterations: int = 64) -> Tensor:
+        """The time at which the log-SNR takes the given values (float64): the inverse of
+        :meth:`log_snr`, by bisection, which works for any theory since its SNR falls in t."""
+        target = torch.as_tensor(log_snr, dtype=torch.float64)
+        lo, hi = torch.zeros_like(target), torch.ones_like(target)
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            above = self.log_snr(mid) > target  # still too clean: the answer is later
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return (lo + hi) / 2
+
     # --- checks -------------------------------------------------------------------------
     def _check_once(self) -> None:
         if self.__dict__.get("_checked"):
