@@ -1,0 +1,14 @@
+"""Backbones: forward(x_t, t, cond) -> output of x_t's shape; t in [0, 1], cond a Conditioning."""
+
+from diffusion.backbones.dit import DiT
+from diffusion.backbones.registry import (
+    DIT_CONFIGS,
+    UNET_CONFIGS,
+    build_dit,
+    build_unet,
+    dit_config,
+    unet_config,
+)
+from diffusion.backbones.unet import UNet
+
+__all__ = ["DiT", "UNet", "DIT_CONFIGS", "UNET_CONFIGS", "build_dit", "build_unet", "dit_config", "unet_config"]

@@ -1,0 +1,188 @@
+"""DiT: Diffusion Transformer with adaLN-Zero blocks (Peebles & Xie 2023).
+
+Conditioning: class labels and a pooled vector are added to the time embedding
+and drive adaLN (as in DiT); text tokens enter every block by cross-attention
+after self-attention (PixArt-alpha, Chen et al. 2023). Positions are fixed 2-D
+sin-cos embeddings computed for each input's own patch grid, so one model
+trains and samples at several resolutions and aspect ratios.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from timm.layers import Mlp, PatchEmbed
+from torch import Tensor, nn
+
+from diffusion.backbones.layers import (
+    TIME_SCALE,
+    Attention,
+    TimestepEmbedder,
+    autocast_context,
+    check_condition,
+    check_input,
+    maybe_checkpoint,
+    sincos_pos_embed_2d,
+)
+from diffusion.conditioning.labels import LabelEmbedder
+from diffusion.conditioning.types import Conditioning
+
+
+def _gelu_tanh() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x (B, N, D) * (1 + scale) + shift, with scale/shift (B, 1, D)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+class DiTBlock(nn.Module):
+    """Self-attention, optional cross-attention to tokens, MLP; adaLN-Zero modulation from c."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cross_attention: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        # PixArt-alpha: cross-attention without its own norm or gate; its output projection is zeroed instead.
+        self.cross_attn = Attention(hidden_size, num_heads, context_dim=hidden_size) if cross_attention else None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=_gelu_tanh)
+        # shift, scale, gate for attention and for the MLP
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = rearrange(
+            self.adaLN_modulation(c), "b (six d) -> six b 1 d", six=6
+        )
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, tokens, mask)
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class FinalLayer(nn.Module):
+    """adaLN then a linear decode of each token to a patch of out_channels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = rearrange(self.adaLN_modulation(c), "b (two d) -> two b 1 d", two=2)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """forward(x_t (B, C, H, W), t (B,) in [0, 1], cond) -> (B, C_out, H, W).
+
+    C_out = in_channels, or 2 * in_channels with learn_sigma (the paper's
+    configuration, kept for parameter counts and checkpoint compatibility).
+    Conditioning fields used: labels if num_classes, tokens/mask if token_dim,
+    pooled if pooled_dim; the model refuses fields it was not built for.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int | None = None,
+        token_dim: int | None = None,
+        pooled_dim: int | None = None,
+        learn_sigma: bool = False,
+        frequency_dim: int = 256,
+        time_scale: float = TIME_SCALE,
+        gradient_checkpointing: bool = False,
+        bf16_autocast: bool = False,
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"DiT hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
+        if hidden_size % 4:
+            raise ValueError(f"DiT hidden_size={hidden_size} must be divisible by 4 for 2-D sin-cos positions.")
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+        self.token_dim = token_dim
+        self.pooled_dim = pooled_dim
+        self.gradient_checkpointing = gradient_checkpointing
+        self.bf16_autocast = bf16_autocast
+
+        self.x_embedder = PatchEmbed(
+            img_size=None, patch_size=patch_size, in_chans=in_channels, embed_dim=hidden_size, strict_img_size=False
+        )
+        self.t_embedder = TimestepEmbedder(hidden_size, frequency_dim, time_scale)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes is not None else None
+        self.pooled_embedder = (
+            Mlp(pooled_dim, hidden_size, hidden_size, act_layer=nn.SiLU) if pooled_dim is not None else None
+        )
+        # PixArt-alpha's caption projection: tokens (B, L, token_dim) -> (B, L, hidden)
+        self.token_embedder = (
+            Mlp(token_dim, hidden_size, hidden_size, act_layer=_gelu_tanh) if token_dim is not None else None
+        )
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=token_dim is not None) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The DiT reference initialisation: ViT-style, then zero every adaLN modulation and the final linear."""
+
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear over the flattened patch
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        for mlp in (self.pooled_embedder, self.token_embedder):
+            if mlp is not None:
+                nn.init.normal_(mlp.fc1.weight, std=0.02)
+                nn.init.normal_(mlp.fc2.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:  # PixArt-alpha zeroes the cross-attention output
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        check_input("DiT", x, t, self.in_channels, self.patch_size, "the patch size")
+        cond = check_condition("DiT", cond, x.shape[0], self.num_classes, self.token_dim, self.pooled_dim)
+        height, width = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        with autocast_context(self.bf16_autocast, x):
+            # Positions in the parameters' dtype: under autocast the residual stream stays float32.
+            pos = sincos_pos_embed_2d(self.hidden_size, height, width, x.device).to(self.x_embedder.proj.weight.dtype)
+            h = self.x_embedder(x) + pos  # (B, N, D)
+            c = self.t_embedder(t)  # (B, D)
+            if self.y_embedder is not None:
+                c = c + self.y_embedder(cond.labels)
+            if self.pooled_embedder is not None:
+                c = c + self.pooled_embedder(cond.pooled)
+            tokens = self.token_embedder(cond.tokens) if self.token_embedder is not None else None
+            for block in self.blocks:
+                h = maybe_checkpoint(self.gradient_checkpointing, block, h, c, tokens, cond.mask)
+            h = self.final_layer(h, c)  # (B, N, p * p * C_out)
+        out = rearrange(
+            h, "b (h w) (p q c) -> b c (h p) (w q)", h=height, w=width, p=self.patch_size, q=self.patch_size
+        )
+        return out.to(x.dtype)

@@ -1,0 +1,274 @@
+"""UNet in the ADM / Stable Diffusion style.
+
+ADM (Dhariwal & Nichol 2021): residual blocks whose GroupNorm is modulated by
+the time (+ class, + pooled) embedding as scale-shift, self-attention at chosen
+levels, zero-initialised output convolutions so each block starts as the
+identity. Stable Diffusion (Rombach et al. 2022): with text tokens, attention
+levels use spatial-transformer blocks (self-attention, cross-attention to the
+tokens, GEGLU feed-forward).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from diffusion.backbones.layers import (
+    TIME_SCALE,
+    Attention,
+    TimestepEmbedder,
+    autocast_context,
+    check_condition,
+    check_input,
+    maybe_checkpoint,
+    zero_module,
+)
+from diffusion.conditioning.labels import LabelEmbedder
+from diffusion.conditioning.types import Conditioning
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, then norm * (1 + scale) + shift from the embedding, SiLU-dropout-conv (zeroed)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
+        self.out_norm = nn.GroupNorm(groups, out_ch)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        )
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        scale, shift = rearrange(self.emb_layers(emb), "b (two c) -> two b c 1 1", two=2)
+        h = torch.addcmul(shift, self.out_norm(h), 1 + scale)
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """ADM self-attention over all pixels, residual, output projection zeroed."""
+
+    def __init__(self, ch: int, head_dim: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.attn = Attention(ch, _num_heads(ch, head_dim))
+        zero_module(self.attn.proj)
+
+    def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        h = rearrange(self.norm(x), "b c y x -> b (y x) c")
+        h = rearrange(self.attn(h), "b (y x) c -> b c y x", y=x.shape[-2])
+        return x + h
+
+
+class GEGLU(nn.Module):
+    """Feed-forward with a GELU-gated linear unit (Shazeer 2020), as in Stable Diffusion."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(h * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN self-attention, cross-attention to tokens, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, num_heads, qkv_bias=False)
+        self.attn2 = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=False)
+        self.ff = GEGLU(dim)
+
+    def forward(self, x: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), tokens, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Stable Diffusion's spatial transformer: pixels as tokens through `depth` transformer blocks."""
+
+    def __init__(self, ch: int, head_dim: int, groups: int, context_dim: int, depth: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.blocks = nn.ModuleList(TransformerBlock(ch, _num_heads(ch, head_dim), context_dim) for _ in range(depth))
+        self.proj_out = zero_module(nn.Linear(ch, ch))
+
+    def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        h = self.proj_in(rearrange(self.norm(x), "b c y x -> b (y x) c"))
+        for block in self.blocks:
+            h = block(h, tokens, mask)
+        return x + rearrange(self.proj_out(h), "b (y x) c -> b c y x", y=x.shape[-2])
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """One residual block, optionally followed by attention: the unit of gradient checkpointing."""
+
+    def __init__(self, res: ResBlock, attn: nn.Module | None) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn
+
+    def forward(self, x: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        x = self.res(x, emb)
+        return self.attn(x, tokens, mask) if self.attn is not None else x
+
+
+def _num_heads(ch: int, head_dim: int) -> int:
+    if ch % head_dim:
+        raise ValueError(f"UNet attention width {ch} is not divisible by head_dim={head_dim}.")
+    return ch // head_dim
+
+
+class UNet(nn.Module):
+    """forward(x_t (B, C, H, W), t (B,) in [0, 1], cond) -> (B, C_out, H, W).
+
+    Levels run at full, 1/2, 1/4, ... resolution with `model_channels * channel_mult[i]`
+    channels and `num_res_blocks` residual blocks each; `attention_levels` are the level
+    indices (0 = full resolution) with attention, which is self-attention, or a spatial
+    transformer with cross-attention when `token_dim` is set. H and W must be divisible
+    by 2 ** (len(channel_mult) - 1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        model_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (1, 2, 3),
+        head_dim: int = 64,
+        dropout: float = 0.0,
+        num_classes: int | None = None,
+        token_dim: int | None = None,
+        pooled_dim: int | None = None,
+        transformer_depth: int = 1,
+        norm_groups: int = 32,
+        learn_sigma: bool = False,
+        time_scale: float = TIME_SCALE,
+        gradient_checkpointing: bool = False,
+        bf16_autocast: bool = False,
+    ) -> None:
+        super().__init__()
+        channel_mult, attention_levels = tuple(channel_mult), tuple(attention_levels)
+        bad_levels = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
+        if bad_levels:
+            raise ValueError(f"UNet attention_levels must lie in [0, {len(channel_mult) - 1}], got {bad_levels}.")
+        for ch in {model_channels * m for m in channel_mult}:
+            if ch % norm_groups:
+                raise ValueError(f"UNet channel count {ch} is not divisible by norm_groups={norm_groups}.")
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.token_dim = token_dim
+        self.pooled_dim = pooled_dim
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.bf16_autocast = bf16_autocast
+
+        emb_dim = 4 * model_channels  # ADM's time-embedding width
+        self.time_embed = TimestepEmbedder(emb_dim, frequency_dim=model_channels, scale=time_scale)
+        self.label_embed = LabelEmbedder(num_classes, emb_dim) if num_classes is not None else None
+        self.pooled_embed = (
+            nn.Sequential(nn.Linear(pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            if pooled_dim is not None
+            else None
+        )
+
+        def attention(ch: int) -> nn.Module:
+            if token_dim is None:
+                return AttentionBlock(ch, head_dim, norm_groups)
+            return SpatialTransformer(ch, head_dim, norm_groups, token_dim, transformer_depth)
+
+        def stage(in_ch: int, out_ch: int, level: int) -> Stage:
+            res = ResBlock(in_ch, out_ch, emb_dim, dropout, norm_groups)
+            return Stage(res, attention(out_ch) if level in attention_levels else None)
+
+        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels, ch = [model_channels], model_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(stage(ch, model_channels * mult, level))
+                ch = model_channels * mult
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+
+        self.mid = nn.ModuleList(
+            [
+                Stage(ResBlock(ch, ch, emb_dim, dropout, norm_groups), attention(ch)),
+                Stage(ResBlock(ch, ch, emb_dim, dropout, norm_groups), None),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(stage(ch + skip_channels.pop(), model_channels * mult, level))
+                ch = model_channels * mult
+            if level != 0:
+                self.up.append(Upsample(ch))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(norm_groups, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        )
+
+    def _run(self, layer: nn.Module, h: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        if isinstance(layer, Stage):
+            return maybe_checkpoint(self.gradient_checkpointing, layer, h, emb, tokens, mask)
+        return layer(h)  # down/up-sampling convolutions are cheap to keep
+
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        check_input("UNet", x, t, self.in_channels, self.downsample_factor, "2 ** (number of levels - 1)")
+        cond = check_condition("UNet", cond, x.shape[0], self.num_classes, self.token_dim, self.pooled_dim)
+        tokens, mask = cond.tokens, cond.mask
+        with autocast_context(self.bf16_autocast, x):
+            emb = self.time_embed(t)  # (B, 4 * model_channels)
+            if self.label_embed is not None:
+                emb = emb + self.label_embed(cond.labels)
+            if self.pooled_embed is not None:
+                emb = emb + self.pooled_embed(cond.pooled)
+            h = self.conv_in(x)
+            skips = [h]
+            for layer in self.down:
+                h = self._run(layer, h, emb, tokens, mask)
+                skips.append(h)
+            for layer in self.mid:
+                h = self._run(layer, h, emb, tokens, mask)
+            for layer in self.up:
+                if isinstance(layer, Stage):
+                    h = torch.cat([h, skips.pop()], dim=1)
+                h = self._run(layer, h, emb, tokens, mask)
+            out = self.out(h)
+        return out.to(x.dtype)
