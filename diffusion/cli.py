@@ -1,0 +1,108 @@
+"""What train.py and sample.py run: compose, instantiate, run. No logic of the parts here."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.images import save_grid
+from diffusion.training.module import DiffusionModule
+
+# The EMA copy is kept in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+def find_latest_checkpoint(root: str | Path = "outputs") -> Path:
+    """The newest ``last.ckpt`` under ``root`` (runs of train.py and its multiruns)."""
+    candidates = [p for base in (Path(root), Path("multirun")) if base.exists() for p in base.glob("**/checkpoints/last.ckpt")]
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoints/last.ckpt under {Path(root).resolve()} or multirun/; pass ckpt=PATH")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _resolve_checkpoint(path: str | Path | None) -> Path | None:
+    if path is None:
+        return None
+    path = find_latest_checkpoint() if str(path) == "last" else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an existing file or 'last'")
+    return path
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    datamodule = instantiate(cfg.data.module)
+    model: DiffusionModule = instantiate(cfg.model, _convert_="object")
+    model.run_config = resolved  # not through instantiate, which would build the _target_s inside it
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    ckpt_path = _resolve_checkpoint(cfg.ckpt_path)
+    if ckpt_path is not None:
+        _check_same_model(ckpt_path, model)
+    trainer.fit(model, datamodule, ckpt_path=ckpt_path)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def load_module(path: str | Path) -> DiffusionModule:
+    """Rebuild the module a checkpoint was trained with (from the config it carries) and load
+    its weights; a checkpoint of another model fails with the differing names."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config = checkpoint.get("run_config")
+    if config is None:
+        raise ValueError(f"{path} carries no run_config: it was not written by this project's train.py")
+    model: DiffusionModule = instantiate(OmegaConf.create(config["model"]), _convert_="object")
+    _load_state(model, checkpoint["state_dict"], path)
+    return model.eval()
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        def show(names):
+            return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        raise ValueError(
+            f"checkpoint {path} does not fit this model (another backbone or size?): "
+            f"missing {show(missing) or 'none'}; unexpected {show(unexpected) or 'none'}; "
+            f"shape differs {show(mismatched) or 'none'}"
+        )
+    model.load_state_dict(state)
+
+
+def _check_same_model(path: Path, model: DiffusionModule) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    _load_state(model, state, path)  # raises with the differing names before Lightning tries
+
+
+def sample(cfg: DictConfig) -> Path:
+    path = _resolve_checkpoint(cfg.ckpt or "last")
+    model = load_module(path)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    labels = None
+    if cfg.labels is not None:
+        given = torch.as_tensor(list(cfg.labels), dtype=torch.long)
+        labels = given.repeat((cfg.num + len(given) - 1) // len(given))[: cfg.num]
+    chosen = cfg.get("sampler") or {}  # the sampler group, if one was picked on the command line
+    sampler = chosen.get("name") or model.sampling.sampler
+    steps = cfg.steps or chosen.get("steps") or model.sampling.steps
+    cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else chosen.get("cfg_scale")
+    images = model.sample(cfg.num, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                          generator=generator, progress=cfg.progress)
+    out = Path(cfg.out) if cfg.out else path.parent.parent / "samples" / f"sample_{sampler}_{steps}.png"
+    save_grid(images, out, nrow=model.num_classes, scale=4)
+    np.savez(out.with_suffix(".npz"), images=images.numpy(), labels=(labels if labels is not None else torch.empty(0)).numpy())
+    print(f"wrote {out} and {out.with_suffix('.npz')}")
+    return out

@@ -1,0 +1,42 @@
+"""Exponential moving average of a model's weights; the EMA weights are what sampling uses."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """``ema = decay_n * ema + (1 - decay_n) * weights`` after each optimiser step, with the
+    warm-up ``decay_n = min(decay, (1 + n) / (10 + n))`` (TensorFlow's ExponentialMovingAverage
+    with num_updates, as in latent diffusion's LitEma): early averages forget the random
+    initialisation quickly. The averaged copy and ``n`` are saved with the module's state."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
+        self.decay, self.warmup = decay, warmup
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = list(self.module.parameters())
+        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+        self.num_updates += 1
+
+    def train(self, mode: bool = True) -> "EMA":
+        super().train(mode)
+        self.module.eval()  # the average is never trained; it stays in eval mode
+        return self

@@ -1,0 +1,185 @@
+"""The LightningModule: wires data -> conditioning -> t and noise -> backbone -> loss, and owns
+the optimiser, the EMA of the weights and the sample grids. The parts do the work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from diffusion.conditioning import Conditioning, drop_condition, label_condition, null_label_condition
+from diffusion.images import save_grid
+from diffusion.objective import DiffusionObjective
+from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
+from diffusion.schedules import Schedule
+from diffusion.timesteps import TimeDistribution, Uniform
+from diffusion.training.ema import EMA
+from diffusion.training.lr import warmup_then_decay
+from diffusion.weighting import LossWeighting, NoWeighting
+
+
+@dataclass
+class SamplingConfig:
+    """How the module samples its grids (and the defaults of ``sample``)."""
+
+    sampler: str = "euler"
+    steps: int = 50
+    cfg_scale: float = 1.0
+    grid: Callable[[int], Tensor] = grids.uniform  # steps -> decreasing times
+    every_n_steps: int = 0  # 0: only at the end of training
+    num_images: int = 64
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    decay: str = "constant"
+    min_lr_ratio: float = 0.0
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        schedule: Schedule,
+        time_distribution: TimeDistribution | None = None,
+        weighting: LossWeighting | None = None,
+        num_classes: int | None = None,
+        cond_dropout: float = 0.1,
+        optim: OptimConfig | None = None,
+        ema_decay: float = 0.999,
+        sampling: SamplingConfig | None = None,
+        val_times: int = 8,
+        image_shape: tuple[int, int, int] | None = None,
+        run_config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.ema = EMA(backbone, ema_decay)
+        self.objective = DiffusionObjective(schedule, time_distribution or Uniform(), weighting or NoWeighting())
+        self.num_classes, self.cond_dropout = num_classes, cond_dropout
+        self.optim = optim or OptimConfig()
+        self.sampling = sampling or SamplingConfig()
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+        # Fixed times of the validation loss, mid-points of [0, 1] bins, so runs are comparable.
+        self.register_buffer("val_t", (torch.arange(val_times) + 0.5) / val_times, persistent=False)
+        self.run_config = run_config  # the resolved config, written into every checkpoint
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.objective.schedule
+
+    # --- conditioning -------------------------------------------------------------------
+    def condition(self, labels: Tensor | None) -> Conditioning:
+        return label_condition(labels) if self.num_classes is not None else Conditioning()
+
+    def null_condition(self, batch_size: int) -> Conditioning:
+        if self.num_classes is None:
+            return Conditioning()
+        return null_label_condition(batch_size, self.num_classes, self.device)
+
+    # --- training -----------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x0 = batch["image"]
+        cond = drop_condition(self.condition(batch.get("label")), self.null_condition(1), self.cond_dropout)
+        out = self.objective(partial(self.backbone, cond=cond), x0)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({out.loss.item()}) at step {self.global_step}; training stops here and "
+                "the last checkpoint is left as it was. Lower optim.lr, raise warm-up, or clip gradients "
+                "(trainer.gradient_clip_val)."
+            )
+        self.log("train/loss", out.loss, prog_bar=True)
+        return out.loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: checkpoint callbacks run before that hook and would
+        # save an average one update behind the weights.
+        self.ema.update(self.backbone)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.sampling.every_n_steps
+        if every and self.global_step % every == 0:
+            self.log_samples()
+
+    def on_train_end(self) -> None:
+        self.log_samples()
+
+    # --- validation: fixed times and fixed noise ------------------------------------------
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x0 = batch["image"]
+        cond = self.condition(batch.get("label"))
+        generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        model = partial(self.ema.module, cond=cond)
+        losses = []
+        for t in self.val_t:
+            out = self.objective(model, x0, t=t.expand(x0.shape[0]), noise=noise)
+            losses.append(out.loss)
+            self.log(f"val/loss_t{t.item():.2f}", out.loss, batch_size=x0.shape[0])
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0])
+
+    # --- sampling -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        num: int,
+        labels: Tensor | None = None,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """``num`` samples from the EMA weights, of the training images' shape."""
+        if self.image_shape is None:
+            raise ValueError("this module was built without image_shape; pass the data's (C, H, W)")
+        s = self.sampling
+        if labels is None and self.num_classes is not None:
+            labels = torch.arange(num, device=self.device) % self.num_classes
+        cond = self.condition(labels.to(self.device) if labels is not None else None)
+        scale = s.cfg_scale if cfg_scale is None else cfg_scale
+        model = ClassifierFreeGuidance(self.ema.module, cond, self.null_condition(num), scale)
+        x = torch.randn((num, *self.image_shape), generator=generator, device=self.device)
+        grid = s.grid(steps or s.steps)
+        return get_sampler(sampler or s.sampler)(model, self.schedule, x, grid, progress=progress)
+
+    def log_samples(self) -> Path | None:
+        if self.image_shape is None or self.trainer is None:
+            return None
+        images = self.sample(self.sampling.num_images, generator=torch.Generator(device=self.device).manual_seed(0))
+        path = save_grid(images, Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png",
+                         nrow=self.num_classes, scale=4)
+        for logger in self.loggers:
+            log_image = getattr(logger, "log_image", None)
+            if callable(log_image):  # Weights & Biases
+                log_image("samples", [str(path)], step=self.global_step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+                from PIL import Image
+                import numpy as np
+
+                logger.experiment.add_image("samples", np.asarray(Image.open(path)), self.global_step, dataformats="HW")
+        return path
+
+    # --- optimiser ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        optimizer = torch.optim.AdamW(self.backbone.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else o.warmup_steps
+        schedule = partial(warmup_then_decay, warmup_steps=o.warmup_steps, total_steps=total, decay=o.decay,
+                           min_ratio=o.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_config"] = self.run_config

@@ -1,0 +1,53 @@
+"""Shared fixtures: composing the project's Hydra configs in-process, as train.py would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A few steps of a tiny run; every test that trains starts from these.
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "model.optim.warmup_steps=2",
+    "model.sampling.steps=2",
+    "model.sampling.num_images=10",
+    "model.sampling.every_n_steps=0",
+    "data.module.batch_size=16",
+    "backbone=dit_tiny",
+]
+
+
+def compose_config(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig:
+    """The config @hydra.main would pass, with the run directory at ``run_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def train_config(tmp_path):
+    """``train_config(*overrides, run_dir=None)`` -> a composed fast training config."""
+
+    def make(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+        return compose_config("train", [*FAST, *overrides], run_dir or tmp_path / "run")
+
+    return make

@@ -1,0 +1,134 @@
+"""Training from the command-line configs: every option composes, every theory x backbone
+trains, a run resumes, a checkpoint samples, and bad input stops with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from diffusion import cli
+from diffusion.objective import DiffusionObjective
+from tests.conftest import CONF, compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("schedule", "backbone", "sampler", "data", "trainer", "logger", "callbacks") for o in _options(g)],
+)
+def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
+    cfg = compose_config("train", [f"{group}={option}"], tmp_path)
+    node = cfg[group]
+    if group == "backbone":
+        with torch.device("meta"):  # the paper's sizes, without their memory
+            model = instantiate(node)
+        assert isinstance(model, torch.nn.Module)
+    elif group == "schedule":
+        for key in ("schedule", "time_distribution", "weighting"):
+            assert instantiate(node[key]) is not None
+        assert instantiate(node.grid)(4).shape == (5,)
+    elif group == "sampler":
+        from diffusion.samplers import get_sampler
+
+        assert callable(get_sampler(node.name)) and node.steps > 0
+    elif group == "data":
+        instantiate(node.module).setup()
+    elif group in ("logger", "callbacks"):
+        assert all(instantiate(c) is not None for c in node.values())
+    else:
+        assert instantiate(node) is not None
+
+
+@pytest.mark.parametrize("backbone", ["dit_tiny", "unet_tiny"])
+@pytest.mark.parametrize("schedule", _options("schedule"))
+def test_fast_run_of_each_theory_and_backbone(schedule, backbone, train_config, tmp_path):
+    metrics = cli.train(train_config(f"schedule={schedule}", f"backbone={backbone}"))
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "samples" / "step_0000004.png").is_file()
+    assert (run / "logs" / "metrics.csv").is_file()
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_resume_continues_steps_optimizer_ema_and_lr_schedule(train_config, tmp_path):
+    first = tmp_path / "first"
+    cli.train(train_config(run_dir=first))
+    before = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
+    assert before["global_step"] == 4
+    second = tmp_path / "second"
+    cli.train(train_config("trainer.max_steps=8", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", run_dir=second))
+    after = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["global_step"] == 8
+    assert after["state_dict"]["ema.num_updates"].item() == 8
+    assert after["lr_schedulers"][0]["last_epoch"] == 8
+    adam_steps = {s["step"].item() for s in after["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {8.0}
+
+
+def test_sample_writes_a_grid_and_npz_from_the_checkpoint(train_config, tmp_path):
+    cli.train(train_config())
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "grid.png"
+    cfg = compose_config("sample", [f"ckpt={ckpt}", "sampler=dpmpp_2m", "steps=3", "cfg_scale=2", "num=12",
+                                    "labels=[1,2,3]", f"out={out}", "progress=false"], tmp_path)
+    assert cli.sample(cfg) == out and out.is_file()
+    saved = __import__("numpy").load(out.with_suffix(".npz"))
+    assert saved["images"].shape == (12, 1, 8, 8) and saved["labels"].tolist() == [1, 2, 3] * 4
+
+
+def test_the_module_rebuilds_from_the_checkpoint_alone(train_config, tmp_path):
+    cli.train(train_config("schedule=ddpm_v", "backbone=unet_tiny"))
+    model = cli.load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert type(model.backbone).__name__ == "UNet" and model.schedule.prediction == "v"
+
+
+# --- bad input --------------------------------------------------------------------------
+def test_a_missing_checkpoint_path_is_refused(train_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.train(train_config(f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+
+
+def test_a_checkpoint_of_another_backbone_is_refused(train_config, tmp_path):
+    cli.train(train_config(run_dir=tmp_path / "dit"))
+    ckpt = tmp_path / "dit" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="does not fit this model"):
+        cli.train(train_config("backbone=unet_tiny", f"ckpt_path={ckpt}", run_dir=tmp_path / "unet"))
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_config, tmp_path, monkeypatch):
+    original = DiffusionObjective.__call__
+    training_calls = []
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if torch.is_grad_enabled():  # a training step (validation runs without grad)
+            training_calls.append(1)
+            if len(training_calls) == 3:  # step 3 diverges; step 2 was checkpointed
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DiffusionObjective, "__call__", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        cli.train(train_config("trainer.max_steps=10", "trainer.val_check_interval=100"))
+    kept = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 2 and all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_multirun_runs_each_job_in_its_own_directory(tmp_path):
+    fast = [o for o in __import__("tests.conftest", fromlist=["FAST"]).FAST if not o.startswith("backbone")]
+    cmd = [sys.executable, "train.py", "-m", "schedule=fm,ddpm", "backbone=dit_tiny,unet_tiny", "trainer.max_steps=2",
+           *[o for o in fast if not o.startswith("trainer.max_steps")], f"hydra.sweep.dir={tmp_path}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    runs = sorted(p.parent.parent.name for p in tmp_path.glob("*/checkpoints/last.ckpt"))
+    assert len(runs) == 4, runs
+    assert runs == ["0_fm_dit_tiny", "1_fm_unet_tiny", "2_ddpm_dit_tiny", "3_ddpm_unet_tiny"]

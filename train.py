@@ -1,0 +1,15 @@
+"""Train a diffusion model: python train.py [group=option ...] [key=value ...] (see conf/)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from diffusion.cli import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
