@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ def _resolve_checkpoint(path: str | Path | None) -> Path | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    # Hydra's root handler prints to the console and the run's train.log; Lightning's own
+    # handler would print every message a second time.
+    logging.getLogger("lightning.pytorch").handlers.clear()
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     datamodule = instantiate(cfg.data.module)

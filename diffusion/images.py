@@ -27,10 +27,14 @@ def to_grid(images: Tensor, nrow: int | None = None, scale: int = 1, padding: in
     return grid.numpy()
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Write a sample grid as PNG (grayscale for one channel, RGB for three)."""
-    grid = to_grid(images, nrow, scale)
+def write_png(grid: np.ndarray, path: str | Path) -> Path:
+    """Write a grid from :func:`to_grid` as PNG (grayscale for one channel, RGB for three)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """:func:`to_grid` then :func:`write_png`."""
+    return write_png(to_grid(images, nrow, scale), path)

@@ -24,11 +24,12 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in ("schedule", "backbone", "sampler", "data", "trainer", "logger", "callbacks") for o in _options(g)],
+    [(g, o) for g in ("schedule", "backbone", "sampler", "conditioning", "data", "trainer", "logger", "callbacks",
+                      "experiment") for o in _options(g)],
 )
 def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose_config("train", [f"{group}={option}"], tmp_path)
-    node = cfg[group]
+    node = cfg[group] if group != "experiment" else None  # experiments override the global config
     if group == "backbone":
         with torch.device("meta"):  # the paper's sizes, without their memory
             model = instantiate(node)
@@ -43,6 +44,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         assert callable(get_sampler(node.name)) and node.steps > 0
     elif group == "data":
         instantiate(node.module).setup()
+    elif group in ("conditioning", "experiment"):
+        model = instantiate(cfg.model, _convert_="object")
+        assert model.num_classes == cfg.conditioning.num_classes
     elif group in ("logger", "callbacks"):
         assert all(instantiate(c) is not None for c in node.values())
     else:
@@ -58,6 +62,13 @@ def test_fast_run_of_each_theory_and_backbone(schedule, backbone, train_config, 
     assert (run / "samples" / "step_0000004.png").is_file()
     assert (run / "logs" / "metrics.csv").is_file()
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_unconditional_training_and_sampling(train_config, tmp_path):
+    cli.train(train_config("conditioning=none", "model.sampling.cfg_scale=3"))
+    model = cli.load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert model.num_classes is None and model.backbone.num_classes is None
+    assert model.sample(3, steps=2).shape == (3, 1, 8, 8)
 
 
 def test_resume_continues_steps_optimizer_ema_and_lr_schedule(train_config, tmp_path):
@@ -132,3 +143,15 @@ def test_multirun_runs_each_job_in_its_own_directory(tmp_path):
     runs = sorted(p.parent.parent.name for p in tmp_path.glob("*/checkpoints/last.ckpt"))
     assert len(runs) == 4, runs
     assert runs == ["0_fm_dit_tiny", "1_fm_unet_tiny", "2_ddpm_dit_tiny", "3_ddpm_unet_tiny"]
+
+
+def test_all_loggers_together_and_wandb_offline_without_credentials(train_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cli.train(train_config("logger=[csv,tensorboard,wandb]"))
+    run = tmp_path / "run"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert "model" in (run / "logs" / "hparams.yaml").read_text()  # the full resolved config is logged

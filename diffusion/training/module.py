@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 import torch
 from torch import Tensor, nn
 
 from diffusion.conditioning import Conditioning, drop_condition, label_condition, null_label_condition
-from diffusion.images import save_grid
+from diffusion.images import to_grid, write_png
 from diffusion.objective import DiffusionObjective
 from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
 from diffusion.schedules import Schedule
@@ -155,20 +156,18 @@ class DiffusionModule(L.LightningModule):
         return get_sampler(sampler or s.sampler)(model, self.schedule, x, grid, progress=progress)
 
     def log_samples(self) -> Path | None:
+        """A grid of samples (a column per class) saved under the run directory and sent to the
+        loggers that take images (Weights & Biases, TensorBoard)."""
         if self.image_shape is None or self.trainer is None:
             return None
         images = self.sample(self.sampling.num_images, generator=torch.Generator(device=self.device).manual_seed(0))
-        path = save_grid(images, Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png",
-                         nrow=self.num_classes, scale=4)
+        grid = to_grid(images, nrow=self.num_classes, scale=4)  # (H, W, C) uint8
+        path = write_png(grid, Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png")
         for logger in self.loggers:
-            log_image = getattr(logger, "log_image", None)
-            if callable(log_image):  # Weights & Biases
-                log_image("samples", [str(path)], step=self.global_step)
-            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-                from PIL import Image
-                import numpy as np
-
-                logger.experiment.add_image("samples", np.asarray(Image.open(path)), self.global_step, dataformats="HW")
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", [grid], step=self.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, self.global_step, dataformats="HWC")
         return path
 
     # --- optimiser ------------------------------------------------------------------------
