@@ -155,3 +155,16 @@ def test_all_loggers_together_and_wandb_offline_without_credentials(train_config
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run / "wandb").glob("offline-run-*"))
     assert "model" in (run / "logs" / "hparams.yaml").read_text()  # the full resolved config is logged
+
+
+def test_the_sample_script_takes_its_documented_arguments(train_config, tmp_path):
+    cli.train(train_config())
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "script.png"
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", "sampler=dpmpp_2m", "steps=3", "cfg_scale=3", "num=10",
+           "labels=[4,2]", f"out={out}", "progress=false"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.is_file() and out.with_suffix(".npz").is_file()
+    assert not list(tmp_path.glob("*.log"))  # no log file left in the working directory
