@@ -37,6 +37,20 @@ def _resolve_checkpoint(path: str | Path | None) -> Path | None:
     return path
 
 
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    """The parts in order: the autoencoder and the conditioner first, then the backbone sized for
+    their latents and conditions, then the module that wires them."""
+    autoencoder = instantiate(cfg.vae) if cfg.get("vae") is not None else None
+    conditioner = instantiate(cfg.conditioning.conditioner)
+    channels, height, width = cfg.data.image_shape
+    if autoencoder is not None:
+        factor = autoencoder.downsample_factor
+        channels, height, width = autoencoder.latent_channels, height // factor, width // factor
+    backbone = instantiate(cfg.backbone, in_channels=channels, **conditioner.backbone_kwargs())
+    return instantiate(cfg.model, backbone=backbone, conditioner=conditioner, autoencoder=autoencoder,
+                       image_shape=(channels, height, width), _convert_="object")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     # Hydra's root handler prints to the console and the run's train.log; Lightning's own
     # handler would print every message a second time.
@@ -44,8 +58,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     datamodule = instantiate(cfg.data.module)
-    model: DiffusionModule = instantiate(cfg.model, _convert_="object")
-    model.run_config = resolved  # not through instantiate, which would build the _target_s inside it
+    model = build_module(cfg)
+    model.run_config = resolved
     loggers = [instantiate(c) for c in cfg.logger.values()]
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -65,13 +79,14 @@ def load_module(path: str | Path) -> DiffusionModule:
     config = checkpoint.get("run_config")
     if config is None:
         raise ValueError(f"{path} carries no run_config: it was not written by this project's train.py")
-    model: DiffusionModule = instantiate(OmegaConf.create(config["model"]), _convert_="object")
+    model = build_module(OmegaConf.create(config))
+    model.run_config = config
     _load_state(model, checkpoint["state_dict"], path)
     return model.eval()
 
 
 def _load_state(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
-    expected = model.state_dict()
+    expected = model.state_dict()  # without the frozen parts (see DiffusionModule.FROZEN)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
@@ -95,18 +110,21 @@ def sample(cfg: DictConfig) -> Path:
     path = _resolve_checkpoint(cfg.ckpt or "last")
     model = load_module(path)
     generator = torch.Generator().manual_seed(cfg.seed)
-    labels = None
-    if cfg.labels is not None:
-        given = torch.as_tensor(list(cfg.labels), dtype=torch.long)
-        labels = given.repeat((cfg.num + len(given) - 1) // len(given))[: cfg.num]
+    if cfg.labels is not None and cfg.get("prompts") is not None:
+        raise ValueError("give labels= or prompts=, not both")
+    asked = cfg.labels if cfg.labels is not None else cfg.get("prompts")
+    condition = None
+    if asked is not None:  # repeated to num
+        asked = list(asked)
+        condition = (asked * ((cfg.num + len(asked) - 1) // len(asked)))[: cfg.num]
     chosen = cfg.get("sampler") or {}  # the sampler group, if one was picked on the command line
     sampler = chosen.get("name") or model.sampling.sampler
     steps = cfg.steps or chosen.get("steps") or model.sampling.steps
     cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else chosen.get("cfg_scale")
-    images = model.sample(cfg.num, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+    images = model.sample(cfg.num, condition, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                           generator=generator, progress=cfg.progress)
     out = Path(cfg.out) if cfg.out else path.parent.parent / "samples" / f"sample_{sampler}_{steps}.png"
     save_grid(images, out, nrow=model.num_classes, scale=4)
-    np.savez(out.with_suffix(".npz"), images=images.numpy(), labels=(labels if labels is not None else torch.empty(0)).numpy())
+    np.savez(out.with_suffix(".npz"), images=images.numpy(), condition=np.asarray(condition if condition is not None else []))
     print(f"wrote {out} and {out.with_suffix('.npz')}")
     return out

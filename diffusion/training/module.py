@@ -1,5 +1,5 @@
-"""The LightningModule: wires data -> conditioning -> t and noise -> backbone -> loss, and owns
-the optimiser, the EMA of the weights and the sample grids. The parts do the work."""
+"""The LightningModule: wires data -> autoencoder -> conditioning -> t and noise -> backbone ->
+loss, and owns the optimiser, the EMA of the weights and the sample grids. The parts do the work."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 import torch
 from torch import Tensor, nn
 
-from diffusion.conditioning import Conditioning, drop_condition, label_condition, null_label_condition
+from diffusion.conditioning import Conditioner, Conditioning, Unconditional, drop_condition
 from diffusion.images import to_grid, write_png
 from diffusion.objective import DiffusionObjective
 from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
@@ -47,50 +47,60 @@ class OptimConfig:
 
 
 class DiffusionModule(L.LightningModule):
+    #: Frozen parts, rebuilt from their own config and weights: kept out of checkpoints.
+    FROZEN = ("autoencoder.", "conditioner.")
+
     def __init__(
         self,
         backbone: nn.Module,
         schedule: Schedule,
         time_distribution: TimeDistribution | None = None,
         weighting: LossWeighting | None = None,
-        num_classes: int | None = None,
+        conditioner: Conditioner | None = None,
+        autoencoder: nn.Module | None = None,
         cond_dropout: float = 0.1,
         optim: OptimConfig | None = None,
         ema_decay: float = 0.999,
         sampling: SamplingConfig | None = None,
         val_times: int = 8,
         image_shape: tuple[int, int, int] | None = None,
-        run_config: dict[str, Any] | None = None,
     ):
+        """``image_shape`` is the (C, H, W) the backbone works in: the latents' shape when an
+        autoencoder is given. Batches carry ``image`` (pixels, encoded here) or ``latent``
+        (from a cache)."""
         super().__init__()
         self.backbone = backbone
         self.ema = EMA(backbone, ema_decay)
         self.objective = DiffusionObjective(schedule, time_distribution or Uniform(), weighting or NoWeighting())
-        self.num_classes, self.cond_dropout = num_classes, cond_dropout
+        self.conditioner = conditioner or Unconditional()
+        self.autoencoder = autoencoder
+        self.cond_dropout = cond_dropout
         self.optim = optim or OptimConfig()
         self.sampling = sampling or SamplingConfig()
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         # Fixed times of the validation loss, mid-points of [0, 1] bins, so runs are comparable.
         self.register_buffer("val_t", (torch.arange(val_times) + 0.5) / val_times, persistent=False)
-        self.run_config = run_config  # the resolved config, written into every checkpoint
+        self.run_config: dict[str, Any] | None = None  # the resolved config, written into every checkpoint
 
     @property
     def schedule(self) -> Schedule:
         return self.objective.schedule
 
-    # --- conditioning -------------------------------------------------------------------
-    def condition(self, labels: Tensor | None) -> Conditioning:
-        return label_condition(labels) if self.num_classes is not None else Conditioning()
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.conditioner, "num_classes", None)
 
-    def null_condition(self, batch_size: int) -> Conditioning:
-        if self.num_classes is None:
-            return Conditioning()
-        return null_label_condition(batch_size, self.num_classes, self.device)
+    def latents(self, batch: dict[str, Any]) -> Tensor:
+        """x0 of the diffusion: cached latents, or the batch's images through the autoencoder."""
+        if "latent" in batch:
+            return batch["latent"]
+        images = batch["image"]
+        return images if self.autoencoder is None else self.autoencoder.encode(images)
 
     # --- training -----------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x0 = batch["image"]
-        cond = drop_condition(self.condition(batch.get("label")), self.null_condition(1), self.cond_dropout)
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x0 = self.latents(batch)
+        cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout)
         out = self.objective(partial(self.backbone, cond=cond), x0)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
@@ -116,9 +126,9 @@ class DiffusionModule(L.LightningModule):
         self.log_samples()
 
     # --- validation: fixed times and fixed noise ------------------------------------------
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        x0 = batch["image"]
-        cond = self.condition(batch.get("label"))
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x0 = self.latents(batch)
+        cond = self.conditioner(batch)
         generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         model = partial(self.ema.module, cond=cond)
@@ -134,26 +144,27 @@ class DiffusionModule(L.LightningModule):
     def sample(
         self,
         num: int,
-        labels: Tensor | None = None,
+        condition: Any = None,
         *,
         sampler: str | None = None,
         steps: int | None = None,
         cfg_scale: float | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        decode: bool = True,
     ) -> Tensor:
-        """``num`` samples from the EMA weights, of the training images' shape."""
+        """``num`` samples from the EMA weights; ``condition`` is what the conditioner takes (labels,
+        prompts; None: cycle the classes, or empty prompts). Decoded to pixels unless ``decode`` is False."""
         if self.image_shape is None:
-            raise ValueError("this module was built without image_shape; pass the data's (C, H, W)")
+            raise ValueError("this module was built without image_shape; pass the (C, H, W) the backbone works in")
         s = self.sampling
-        if labels is None and self.num_classes is not None:
-            labels = torch.arange(num, device=self.device) % self.num_classes
-        cond = self.condition(labels.to(self.device) if labels is not None else None)
+        cond = self.conditioner.make(condition, num, self.device)
         scale = s.cfg_scale if cfg_scale is None else cfg_scale
-        model = ClassifierFreeGuidance(self.ema.module, cond, self.null_condition(num), scale)
+        model = ClassifierFreeGuidance(self.ema.module, cond, self.conditioner.null(num, self.device), scale)
         x = torch.randn((num, *self.image_shape), generator=generator, device=self.device)
         grid = s.grid(steps or s.steps)
-        return get_sampler(sampler or s.sampler)(model, self.schedule, x, grid, progress=progress)
+        x = get_sampler(sampler or s.sampler)(model, self.schedule, x, grid, progress=progress)
+        return self.autoencoder.decode(x) if decode and self.autoencoder is not None else x
 
     def log_samples(self) -> Path | None:
         """A grid of samples (a column per class) saved under the run directory and sent to the
@@ -182,3 +193,13 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["run_config"] = self.run_config
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        frozen = tuple(prefix + name for name in self.FROZEN)
+        return type(state)((k, v) for k, v in state.items() if not k.startswith(frozen))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        own = {k: v for k, v in super().state_dict().items() if k.startswith(self.FROZEN)}
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)

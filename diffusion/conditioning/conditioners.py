@@ -1,0 +1,106 @@
+"""Conditioners: turn a batch (labels, captions, or their cached embeddings) into the one
+``Conditioning`` the backbone sees, give the null condition of classifier-free guidance, and
+say what the backbone must be built for."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.conditioning.labels import label_condition, null_label_condition
+from diffusion.conditioning.types import Conditioning
+
+
+class Conditioner(nn.Module, ABC):
+    """``batch -> Conditioning``; ``make(values)`` does the same for what a user asks to sample."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, Any]) -> Conditioning: ...
+
+    @abstractmethod
+    def make(self, values: Any, num: int, device: torch.device) -> Conditioning: ...
+
+    @abstractmethod
+    def null(self, batch_size: int, device: torch.device) -> Conditioning: ...
+
+    def backbone_kwargs(self) -> dict[str, int | None]:
+        """The condition sizes a backbone is built with (``num_classes``, ``token_dim``, ``pooled_dim``)."""
+        return {"num_classes": None, "token_dim": None, "pooled_dim": None}
+
+
+class Unconditional(Conditioner):
+    def forward(self, batch: dict[str, Any]) -> Conditioning:
+        return Conditioning()
+
+    def make(self, values: Any, num: int, device: torch.device) -> Conditioning:
+        if values is not None:
+            raise ValueError("this model is unconditional; sample it without labels or prompts")
+        return Conditioning()
+
+    def null(self, batch_size: int, device: torch.device) -> Conditioning:
+        return Conditioning()
+
+
+class ClassLabels(Conditioner):
+    """``batch["label"]``; the null condition is the extra class ``num_classes`` (DiT)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+
+    def forward(self, batch: dict[str, Any]) -> Conditioning:
+        return label_condition(batch["label"])
+
+    def make(self, values: Sequence[int] | Tensor | None, num: int, device: torch.device) -> Conditioning:
+        labels = torch.arange(num) % self.num_classes if values is None else torch.as_tensor(values, dtype=torch.long)
+        if labels.numel() != num or bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"need {num} labels in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        return label_condition(labels.to(device))
+
+    def null(self, batch_size: int, device: torch.device) -> Conditioning:
+        return null_label_condition(batch_size, self.num_classes, device)
+
+    def backbone_kwargs(self) -> dict[str, int | None]:
+        return {"num_classes": self.num_classes, "token_dim": None, "pooled_dim": None}
+
+
+class TextPrompts(Conditioner):
+    """``batch["caption"]`` through a frozen text encoder, or the cached ``tokens``/``mask``/
+    ``pooled`` of the batch when training from a cache. A sample without a caption
+    (``has_caption`` False) gets the null condition: it trains unconditionally."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, batch: dict[str, Any]) -> Conditioning:
+        if "tokens" in batch:  # cached embeddings
+            cond = Conditioning(tokens=batch["tokens"], mask=batch["mask"], pooled=batch.get("pooled"))
+        else:
+            cond = self.encoder(list(batch["caption"]))
+        has_caption = batch.get("has_caption")
+        if has_caption is not None and not bool(torch.as_tensor(has_caption).all()):
+            keep = torch.as_tensor(has_caption, device=cond.tokens.device).bool()
+            null = self.null(len(keep), cond.tokens.device)
+            cond = Conditioning(**{
+                name: torch.where(keep.view(-1, *[1] * (value.ndim - 1)), value, getattr(null, name))
+                for name, value in cond.items()
+            })
+        return cond
+
+    def make(self, values: Sequence[str] | None, num: int, device: torch.device) -> Conditioning:
+        prompts = [""] * num if values is None else list(values)
+        if len(prompts) != num:
+            raise ValueError(f"need {num} prompts, got {len(prompts)}")
+        return self.encoder(prompts).to(device)
+
+    def null(self, batch_size: int, device: torch.device) -> Conditioning:
+        return self.encoder.null_condition(batch_size).to(device)
+
+    def backbone_kwargs(self) -> dict[str, int | None]:
+        return {"num_classes": None, "token_dim": self.encoder.token_dim, "pooled_dim": self.encoder.pooled_dim}
