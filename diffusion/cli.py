@@ -11,8 +11,10 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from torch import Tensor
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.data.cache import CachedDataModule, write_cache
 from diffusion.images import save_grid
 from diffusion.training.module import DiffusionModule
 
@@ -57,9 +59,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     logging.getLogger("lightning.pytorch").handlers.clear()
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    datamodule = instantiate(cfg.data.module)
     model = build_module(cfg)
     model.run_config = resolved
+    if cfg.get("cache_dir"):  # read the shards instead of running the encoders
+        datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model), seed=cfg.seed)
+    else:
+        datamodule = instantiate(cfg.data.module)
     loggers = [instantiate(c) for c in cfg.logger.values()]
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -70,6 +75,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _check_same_model(ckpt_path, model)
     trainer.fit(model, datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]:
+    """What a cache of this configuration depends on: the encoders (their weights' hashes), the
+    data and its transforms, and the dtype; not the batch size or the loader's workers."""
+    data = OmegaConf.to_container(cfg.data.module, resolve=True)
+    for key in ("batch_size", "num_workers"):
+        data.pop(key, None)
+    autoencoder = model.autoencoder.fingerprint() if model.autoencoder is not None else {"class": "none"}
+    return {"autoencoder": autoencoder, "conditioner": model.conditioner.fingerprint(), "data": data,
+            "image_shape": list(model.image_shape), "dtype": "float32"}
+
+
+def cache(cfg: DictConfig) -> Path:
+    """Encode the configured data once (latents and conditions) into ``cfg.cache_dir/{train,val}``."""
+    if not cfg.get("cache_dir"):
+        raise ValueError("pass cache_dir=PATH: where the cache is written (and later read by train.py cache_dir=PATH)")
+    model = build_module(cfg).eval()
+    datamodule = instantiate(cfg.data.module)
+    fingerprint = cache_fingerprint(cfg, model)
+
+    def encode(batch: dict[str, Any]) -> dict[str, Tensor]:
+        return {"latent": model.latents(batch), **model.conditioner.cache(batch)}
+
+    for split in ("train", "val"):
+        dataset = datamodule.dataset(split)
+        if dataset is not None and len(dataset):
+            write_cache(dataset, Path(cfg.cache_dir) / split, encode, fingerprint,
+                        shard_size=cfg.get("cache_shard_size", 1024), batch_size=cfg.data.module.batch_size)
+    return Path(cfg.cache_dir)
 
 
 def load_module(path: str | Path) -> DiffusionModule:

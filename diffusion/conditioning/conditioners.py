@@ -30,6 +30,13 @@ class Conditioner(nn.Module, ABC):
         """The condition sizes a backbone is built with (``num_classes``, ``token_dim``, ``pooled_dim``)."""
         return {"num_classes": None, "token_dim": None, "pooled_dim": None}
 
+    def cache(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """What a cache stores of a batch's condition; ``forward`` reads it back from a cached batch."""
+        return {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"class": type(self).__name__}
+
 
 class Unconditional(Conditioner):
     def forward(self, batch: dict[str, Any]) -> Conditioning:
@@ -68,6 +75,12 @@ class ClassLabels(Conditioner):
     def backbone_kwargs(self) -> dict[str, int | None]:
         return {"num_classes": self.num_classes, "token_dim": None, "pooled_dim": None}
 
+    def cache(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return {"label": torch.as_tensor(batch["label"])}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "num_classes": self.num_classes}
+
 
 class TextPrompts(Conditioner):
     """``batch["caption"]`` through a frozen text encoder, or the cached ``tokens``/``mask``/
@@ -104,3 +117,13 @@ class TextPrompts(Conditioner):
 
     def backbone_kwargs(self) -> dict[str, int | None]:
         return {"num_classes": None, "token_dim": self.encoder.token_dim, "pooled_dim": self.encoder.pooled_dim}
+
+    def cache(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        cond = self.encoder(list(batch["caption"]))
+        stored = {name: value for name, value in cond.items()}
+        if "has_caption" in batch:
+            stored["has_caption"] = torch.as_tensor(batch["has_caption"])
+        return stored
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "encoder": self.encoder.fingerprint()}

@@ -64,10 +64,14 @@ class DigitsDataModule(L.LightningDataModule):
         if self.splits is None:
             self.splits = load_digits_split(self.val_fraction, self.seed)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def dataset(self, split: str) -> Dataset:
+        """The ``"train"`` or ``"val"`` split, unshuffled (what a cache encodes)."""
         self.setup()
+        return _TensorImages(*self.splits[split])
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            _TensorImages(*self.splits[split]),
+            self.dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=shuffle,

@@ -1,0 +1,16 @@
+"""Encode a dataset once into cache shards: python cache.py [train.py overrides] cache_dir=PATH.
+Then train from it: python train.py [the same overrides] cache_dir=PATH."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from diffusion.cli import cache
+
+    cache(cfg)
+
+
+if __name__ == "__main__":
+    main()
