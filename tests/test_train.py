@@ -28,7 +28,12 @@ def _options(group: str) -> list[str]:
                       "experiment") for o in _options(g)],
 )
 def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
-    cfg = compose_config("train", [f"{group}={option}"], tmp_path)
+    extra = []
+    if option == "image_folder":
+        from tests.make_captioned_folder import make_captioned_folder
+
+        extra = [f"data.module.root={make_captioned_folder(tmp_path / 'images')}", "data.module.batch_size=2"]
+    cfg = compose_config("train", [f"{group}={option}", *extra], tmp_path)
     node = cfg[group] if group != "experiment" else None  # experiments override the global config
     if group == "backbone":
         with torch.device("meta"):  # the paper's sizes, without their memory

@@ -1,5 +1,20 @@
-"""Data modules: each yields batches ``{"image": (B, C, H, W) in [-1, 1], "label": (B,)}``."""
+"""Data modules: each yields batches ``{"image": (B, C, H, W) in [-1, 1], ...}`` with ``label``
+(class-conditional) or ``caption`` / ``has_caption`` (text), or ``latent`` and the cached
+condition when training from a cache; ``dataset(split)`` gives a split unshuffled."""
 
+from diffusion.data.buckets import BucketBatchSampler, make_buckets
+from diffusion.data.cache import CachedDataModule, CachedDataset, write_cache
+from diffusion.data.captions import ImageCaptionDataModule, ImageCaptionDataset
 from diffusion.data.digits import DigitsDataModule, load_digits_split
 
-__all__ = ["DigitsDataModule", "load_digits_split"]
+__all__ = [
+    "BucketBatchSampler",
+    "CachedDataModule",
+    "CachedDataset",
+    "DigitsDataModule",
+    "ImageCaptionDataModule",
+    "ImageCaptionDataset",
+    "load_digits_split",
+    "make_buckets",
+    "write_cache",
+]

@@ -1,0 +1,277 @@
+"""Folders of images with captions, as a Dataset and a LightningDataModule.
+
+Captions come from ``metadata.csv`` or ``metadata.jsonl`` at the root (columns ``file_name``,
+relative and possibly in a subfolder, and ``text``: Hugging Face's imagefolder convention), else
+from ``.txt`` files beside the images (same stem). An image without a caption trains
+unconditionally: caption ``""`` and ``has_caption`` False. Items are
+``{"image": (3, H, W) in [-1, 1], "caption", "has_caption", "path", "index"}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion._checks import check_choice
+from diffusion.data.buckets import BucketBatchSampler, BucketConfig, assign_buckets, make_buckets
+from diffusion.data.images import (
+    IMAGE_EXTS,
+    FolderScan,
+    ImageRecord,
+    check_bad_fraction,
+    list_images,
+    load_rgb,
+    resize_crop,
+    scan_headers,
+    to_tensor,
+)
+
+logger = logging.getLogger(__name__)
+CROPS = ("center", "random")
+
+
+def _key(file_name: str) -> str:
+    return PurePosixPath(file_name.replace("\\", "/")).as_posix().removeprefix("./")
+
+
+def read_metadata(root: Path, caption_column: str = "text") -> tuple[Path, dict[str, str]] | None:
+    """``(metadata file, {relative path: caption})`` from metadata.csv / .jsonl, or None if neither exists."""
+    found = [root / name for name in ("metadata.csv", "metadata.jsonl") if (root / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{root} holds both metadata.csv and metadata.jsonl; keep one")
+    if not found:
+        return None
+    meta = found[0]
+    if meta.suffix == ".csv":
+        with meta.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+            rows = list(csv.DictReader(f))
+    else:
+        rows = []
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{meta}, line {n}: not valid JSON ({e})") from e
+    captions: dict[str, str] = {}
+    for n, row in enumerate(rows, 1):
+        if "file_name" not in row or caption_column not in row:
+            raise ValueError(f"{meta}, row {n}: needs columns 'file_name' and {caption_column!r}, has {sorted(row)}")
+        key = _key(str(row["file_name"]))
+        if not (root / key).is_file():
+            raise FileNotFoundError(f"{meta}, row {n}: file_name {row['file_name']!r} does not exist under {root}")
+        if key in captions:
+            raise ValueError(f"{meta}, row {n}: file_name {key!r} is listed twice")
+        captions[key] = "" if row[caption_column] is None else str(row[caption_column]).strip()
+    return meta, captions
+
+
+def read_captions(root: Path, images: Sequence[Path], caption_column: str = "text") -> list[str | None]:
+    """The caption of each image (None: it has none), from the metadata file or else sidecars."""
+    metadata = read_metadata(root, caption_column)
+    if metadata is not None:
+        meta, captions = metadata
+        keys = {p.relative_to(root).as_posix() for p in images}
+        if unlisted := sorted(set(captions) - keys):
+            raise ValueError(f"{meta} lists files that are not images of {root} (image_exts?): {unlisted[:5]}")
+        return [captions.get(p.relative_to(root).as_posix()) for p in images]
+    sidecars = (p.with_suffix(".txt") for p in images)
+    return [s.read_text(encoding="utf-8").strip() if s.is_file() else None for s in sidecars]
+
+
+def scan_folder(root: str | Path, max_bad_fraction: float = 0.05, image_exts: Iterable[str] = IMAGE_EXTS,
+                caption_column: str = "text") -> FolderScan:
+    """List the images, read their captions and header sizes; unreadable headers are skipped."""
+    root, image_exts = Path(root), tuple(image_exts)
+    paths = list_images(root, image_exts)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(image_exts)}) under {root}")
+    captions = read_captions(root, paths, caption_column)
+    sizes, good, bad = scan_headers(root, paths, max_bad_fraction)
+    caption_of = dict(zip(paths, captions))
+    records = [ImageRecord(p, s, caption_of[p] or "", bool(caption_of[p])) for p, s in zip(good, sizes)]
+    if missing := sum(not r.has_caption for r in records):
+        logger.warning("%d of %d images under %s have no caption; they train unconditionally (caption '')",
+                       missing, len(records), root)
+    return FolderScan(root, records, bad, total=len(paths))
+
+
+class ImageCaptionDataset(Dataset):
+    """Images of a folder (or of a :class:`FolderScan`), resized and cropped to ``resolution``
+    square, or with ``buckets`` to the closest aspect-ratio bucket of about that area.
+
+    An image that fails to decode is counted and replaced by the next readable image of its
+    bucket, so batches stay full; the count lives in shared memory, so DataLoader workers add up
+    to one total, and more bad files than ``max_bad_fraction`` of all stops the run.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | FolderScan,
+        resolution: int = 256,
+        buckets: bool | BucketConfig | Mapping[str, Any] = False,
+        crop: str = "center",
+        hflip: bool = False,
+        max_bad_fraction: float = 0.05,
+        image_exts: Iterable[str] = IMAGE_EXTS,
+        caption_column: str = "text",
+    ):
+        if isinstance(root, FolderScan):
+            self.scan = root
+        else:
+            self.scan = scan_folder(root, max_bad_fraction, image_exts, caption_column)
+        self.records = self.scan.records
+        if not self.records:
+            raise ValueError(f"no readable images under {self.scan.root}")
+        self.resolution, self.crop, self.hflip = resolution, check_choice("crop", crop, CROPS), hflip
+        self.max_bad_fraction = max_bad_fraction
+        self.bucket_config = BucketConfig.coerce(buckets)
+        if self.bucket_config is None:
+            self.buckets, self.bucket_ids = [(resolution, resolution)], [0] * len(self.records)
+        else:
+            self.buckets = make_buckets(resolution, self.bucket_config.multiple, self.bucket_config.max_ratio)
+            self.bucket_ids = assign_buckets([r.size for r in self.records], self.buckets)
+        self.members: dict[int, list[int]] = {}
+        for index, bucket in enumerate(self.bucket_ids):
+            self.members.setdefault(bucket, []).append(index)
+        self.position = {i: n for members in self.members.values() for n, i in enumerate(members)}
+        self.decode_bad = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def bad_paths(self) -> list[Path]:
+        """Files skipped so far: unreadable headers at setup, then failed decodes."""
+        return [*self.scan.bad, *(self.records[i].path for i in self.decode_bad.nonzero().flatten().tolist())]
+
+    @property
+    def num_bad(self) -> int:
+        return len(self.scan.bad) + int(self.decode_bad.sum())
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        bucket = self.bucket_ids[index]
+        members, start = self.members[bucket], self.position[index]
+        for step in range(len(members)):
+            candidate = members[(start + step) % len(members)]
+            if self.decode_bad[candidate]:
+                continue
+            record = self.records[candidate]
+            try:
+                img = load_rgb(record.path, self.buckets[bucket])
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "unreadable"
+                self.decode_bad[candidate] = True
+                logger.warning("skipping unreadable image %s (%s: %s)", record.path, type(e).__name__, e)
+                check_bad_fraction(self.bad_paths, self.scan.total, self.max_bad_fraction, self.scan.root)
+                continue
+            img, _ = resize_crop(img, self.buckets[bucket], self.crop)
+            image = to_tensor(img)
+            if self.hflip and torch.rand(()) < 0.5:
+                image = image.flip(-1)
+            return {"image": image, "caption": record.caption, "has_caption": record.has_caption,
+                    "path": str(record.path), "index": candidate}
+        raise RuntimeError(f"every image of bucket {self.buckets[bucket]} under {self.scan.root} is unreadable")
+
+
+class ImageCaptionDataModule(L.LightningDataModule):
+    """Image-caption folders for training; ``image_shape`` is the nominal (square) resolution.
+
+    Validation: ``val_root`` (another folder) or a fixed ``val_fraction`` of ``root`` chosen by
+    ``seed``; with neither there is no validation. Validation images are center-cropped, unflipped.
+    """
+
+    num_classes = None
+
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int = 256,
+        batch_size: int = 16,
+        buckets: bool | BucketConfig | Mapping[str, Any] = False,
+        crop: str = "center",
+        hflip: bool = False,
+        val_fraction: float = 0.0,
+        val_root: str | Path | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_bad_fraction: float = 0.05,
+        caption_column: str = "text",
+        image_exts: Sequence[str] = IMAGE_EXTS,
+    ):
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.module.val_fraction must be in [0, 1), got {val_fraction}")
+        if val_fraction and val_root is not None:
+            raise ValueError("set data.module.val_fraction or data.module.val_root, not both")
+        self.root, self.resolution, self.batch_size = Path(root), resolution, batch_size
+        self.buckets, self.crop, self.hflip = BucketConfig.coerce(buckets), check_choice("crop", crop, CROPS), hflip
+        self.val_fraction, self.val_root, self.num_workers, self.seed = val_fraction, val_root, num_workers, seed
+        self.max_bad_fraction = max_bad_fraction
+        self.scan_kwargs = dict(max_bad_fraction=max_bad_fraction, image_exts=tuple(image_exts),
+                                caption_column=caption_column)
+        self.train_set: ImageCaptionDataset | None = None
+        self.val_set: ImageCaptionDataset | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.resolution, self.resolution)
+
+    def _dataset(self, scan: FolderScan, train: bool) -> ImageCaptionDataset:
+        return ImageCaptionDataset(scan, self.resolution, self.buckets, self.crop if train else "center",
+                                   self.hflip and train, self.max_bad_fraction)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        scan = scan_folder(self.root, **self.scan_kwargs)
+        val_scan = scan_folder(self.val_root, **self.scan_kwargs) if self.val_root is not None else None
+        if self.val_fraction:
+            order = torch.randperm(len(scan.records), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            n_val = max(1, round(self.val_fraction * len(order)))
+            val_ids, train_ids = sorted(order[:n_val]), sorted(order[n_val:])
+            # Both splits keep the folder's header failures and file count: the bad fraction is the folder's.
+            val_scan = FolderScan(scan.root, [scan.records[i] for i in val_ids], scan.bad, scan.total)
+            scan = FolderScan(scan.root, [scan.records[i] for i in train_ids], scan.bad, scan.total)
+        self.train_set = self._dataset(scan, train=True)
+        self.val_set = self._dataset(val_scan, train=False) if val_scan is not None else None
+
+    def _loader(self, dataset: ImageCaptionDataset, train: bool) -> DataLoader:
+        kwargs: dict[str, Any] = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        trainer = self.trainer  # set by Lightning; rank and world size for DDP
+        if self.buckets is not None:
+            sampler = BucketBatchSampler(
+                dataset.bucket_ids, self.batch_size, shuffle=train, drop_last=train, seed=self.seed,
+                num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
+            )
+            loader = DataLoader(dataset, batch_sampler=sampler, **kwargs)
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
+                                generator=generator, **kwargs)
+        if len(loader) == 0:
+            sizes = {dataset.buckets[b]: len(m) for b, m in dataset.members.items()}
+            raise ValueError(f"no full batch of data.module.batch_size={self.batch_size} from {len(dataset)} images "
+                             f"(images per (H, W): {sizes}); lower the batch size, add images or turn buckets off")
+        return loader
+
+    def dataset(self, split: str) -> ImageCaptionDataset | None:
+        """The ``"train"`` or ``"val"`` dataset (what a cache encodes), None if there is no such split."""
+        self.setup()
+        return {"train": self.train_set, "val": self.val_set}[split]
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        return self._loader(self.val_set, train=False) if self.val_set is not None else []
