@@ -42,8 +42,17 @@ def _resolve_checkpoint(path: str | Path | None) -> Path | None:
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """The parts in order: the autoencoder and the conditioner first, then the backbone sized for
     their latents and conditions, then the module that wires them."""
-    autoencoder = instantiate(cfg.vae) if cfg.get("vae") is not None else None
-    conditioner = instantiate(cfg.conditioning.conditioner)
+    # Frozen parts built from a config (random weights) must come out the same in cache.py,
+    # train.py and sample.py: built under their own RNG seeded with the run's seed.
+    # They get plain dicts and lists: diffusers and open_clip do not take OmegaConf's.
+    uses_text = "text_encoder" in str(OmegaConf.to_yaml(cfg.conditioning, resolve=False))
+    if uses_text and cfg.get("text_encoder") is None:
+        raise ValueError("conditioning=text needs a text encoder: add text_encoder=<an option of conf/text_encoder>, "
+                         "e.g. text_encoder=openclip_vit_h")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        autoencoder = instantiate(cfg.vae, _convert_="all") if cfg.get("vae") is not None else None
+        conditioner = instantiate(cfg.conditioning.conditioner, _convert_="all")
     channels, height, width = cfg.data.image_shape
     if autoencoder is not None:
         factor = autoencoder.downsample_factor

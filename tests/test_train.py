@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from diffusion import cli
 from diffusion.objective import DiffusionObjective
 from tests.conftest import CONF, compose_config
+from tests.make_captioned_folder import make_captioned_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,9 +31,11 @@ def _options(group: str) -> list[str]:
 def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
     extra = []
     if option == "image_folder":
-        from tests.make_captioned_folder import make_captioned_folder
-
         extra = [f"data.module.root={make_captioned_folder(tmp_path / 'images')}", "data.module.batch_size=2"]
+    if option in ("text", "t2i_tiny"):
+        extra.append("text_encoder=openclip_tiny")
+    if option == "t2i_tiny":
+        extra.append(f"data.module.root={make_captioned_folder(tmp_path / 'images')}")
     cfg = compose_config("train", [f"{group}={option}", *extra], tmp_path)
     node = cfg[group] if group != "experiment" else None  # experiments override the global config
     if group == "backbone":
@@ -67,6 +70,11 @@ def test_fast_run_of_each_theory_and_backbone(schedule, backbone, train_config, 
     assert (run / "samples" / "step_0000004.png").is_file()
     assert (run / "logs" / "metrics.csv").is_file()
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_text_conditioning_without_a_text_encoder_is_refused(train_config):
+    with pytest.raises(ValueError, match="add text_encoder="):
+        cli.build_module(train_config("conditioning=text"))
 
 
 def test_unconditional_training_and_sampling(train_config, tmp_path):

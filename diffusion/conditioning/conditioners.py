@@ -90,6 +90,7 @@ class TextPrompts(Conditioner):
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
+        self._null: Conditioning | None = None  # the empty prompt's encoding, computed once
 
     def forward(self, batch: dict[str, Any]) -> Conditioning:
         if "tokens" in batch:  # cached embeddings
@@ -113,7 +114,10 @@ class TextPrompts(Conditioner):
         return self.encoder(prompts).to(device)
 
     def null(self, batch_size: int, device: torch.device) -> Conditioning:
-        return self.encoder.null_condition(batch_size).to(device)
+        # The encoder is frozen, so its null condition never changes: encode "" once, not per step.
+        if self._null is None or self._null.tokens.device != torch.device(device):
+            self._null = self.encoder.null_condition(1).to(device)
+        return self._null.expand(batch_size)
 
     def backbone_kwargs(self) -> dict[str, int | None]:
         return {"num_classes": None, "token_dim": self.encoder.token_dim, "pooled_dim": self.encoder.pooled_dim}

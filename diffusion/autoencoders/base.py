@@ -1,0 +1,126 @@
+"""The frozen data autoencoder of latent diffusion, and the identity for pixel space.
+
+An autoencoder maps images (B, 3, H, W) in [-1, 1] to latents (B, C, H/f, W/f) that are
+already normalised, `(z - shift) * scale`, so the diffusion model sees roughly unit-variance
+data whichever autoencoder is plugged in; `decode` undoes the normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+# Images are expected in [-1, 1]; this margin only catches the common mistake of [0, 255] input.
+_IMAGE_RANGE_LIMIT = 1.5
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over the state_dict, keys sorted, each tensor's name, dtype, shape and bytes.
+
+    Hashes the tensors as they are (current dtype), so a float16 copy of a model differs from
+    its float32 original; that is wanted, their outputs differ too.
+    """
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Autoencoder(nn.Module, ABC):
+    """Frozen encoder-decoder: eval mode, no gradients; subclasses call `_freeze()` last in `__init__`."""
+
+    latent_channels: int
+    downsample_factor: int
+    image_channels: int = 3
+    scale: float = 1.0
+    shift: float = 0.0
+    source: str = "config"
+
+    @abstractmethod
+    def encode(self, images: Tensor) -> Tensor:
+        """(B, image_channels, H, W) in [-1, 1] -> (B, latent_channels, H/f, W/f), normalised."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, latent_channels, h, w) normalised latents -> (B, image_channels, h*f, w*f) in ~[-1, 1]."""
+
+    # -- frozen ---------------------------------------------------------------------
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Autoencoder:
+        # Stays in eval mode when a parent module is put in train mode: the weights are pretrained
+        # and fixed, and the encoding of an image must not depend on the training phase.
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        p = next(self.parameters(), None)
+        return None if p is None else p.dtype
+
+    def fingerprint(self) -> dict[str, str]:
+        """What determines the latents, e.g. to check that cached latents match this autoencoder."""
+        return {
+            "class": type(self).__name__,
+            "source": self.source,
+            "sha256": weights_sha256(self),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "scale": repr(float(self.scale)),
+            "shift": repr(float(self.shift)),
+            "channels": str(self.latent_channels),
+            "factor": str(self.downsample_factor),
+        }
+
+    # -- input checks -------------------------------------------------------------
+    def _check_images(self, images: Tensor) -> None:
+        name = type(self).__name__
+        if images.ndim != 4 or images.shape[1] != self.image_channels:
+            raise ValueError(
+                f"{name}.encode expects images (B, {self.image_channels}, H, W), got shape {tuple(images.shape)}."
+            )
+        f = self.downsample_factor
+        if images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(
+                f"{name}.encode expects H and W divisible by the downsample factor {f}, "
+                f"got H={images.shape[2]}, W={images.shape[3]}; resize or crop the images."
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"{name}.encode expects float images in [-1, 1], got dtype {images.dtype}.")
+        if images.numel() and images.detach().abs().amax() > _IMAGE_RANGE_LIMIT:
+            lo, hi = float(images.amin()), float(images.amax())
+            raise ValueError(f"{name}.encode expects images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}].")
+
+    def _check_latents(self, latents: Tensor) -> None:
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"{type(self).__name__}.decode expects latents (B, {self.latent_channels}, h, w), "
+                f"got shape {tuple(latents.shape)}."
+            )
+
+
+class IdentityAutoencoder(Autoencoder):
+    """Pixel space: encode and decode are the identity (factor 1, scale 1, shift 0)."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"IdentityAutoencoder needs channels >= 1, got {channels}.")
+        self.image_channels = self.latent_channels = channels
+        self.downsample_factor = 1
+        self.source = "identity"
+        self._freeze()
+
+    def encode(self, images: Tensor) -> Tensor:
+        self._check_images(images)
+        return images
+
+    def decode(self, latents: Tensor) -> Tensor:
+        self._check_latents(latents)
+        return latents
