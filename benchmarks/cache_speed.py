@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -41,6 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message=r".*self.trainer. reference is not registered")  # steps run without a Trainer
 
     vae = KLAutoencoder(config=SD_VAE)
     module = DiffusionModule(build_dit("DiT-S/2", in_channels=4, num_classes=10), FlowMatching(),

@@ -60,3 +60,19 @@ def test_the_checkpoint_leaves_out_the_frozen_encoders(train_config, tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not [k for k in state if k.startswith(("autoencoder.", "conditioner."))]
     assert any(k.startswith("backbone.") for k in state)
+
+
+def test_aspect_ratio_buckets_train_on_the_fly_and_from_the_cache(train_config, tmp_path):
+    root = make_captioned_folder(tmp_path / "images", n=12, sizes=[(96, 48), (48, 48), (48, 96)], layout="txt")
+    overrides = ["experiment=t2i_tiny", f"data.module.root={root}", "data.module.batch_size=2", "backbone=dit_tiny",
+                 "data.module.resolution=64", "data.module.buckets={multiple: 16, max_ratio: 2.0}",
+                 "model.sampling.num_images=2"]
+    cli.train(train_config(*overrides, run_dir=tmp_path / "fly"))
+    assert (tmp_path / "fly" / "checkpoints" / "last.ckpt").is_file()
+
+    cfg = train_config(*overrides, f"cache_dir={tmp_path / 'cache'}", run_dir=tmp_path / "cached")
+    cli.cache(cfg)
+    shapes = set(CachedDataset(tmp_path / "cache" / "train").shapes())
+    assert shapes == {(4, 8, 8), (4, 6, 10), (4, 10, 6)}, shapes  # square, wide and tall latents of 64 px buckets
+    cli.train(cfg)
+    assert (tmp_path / "cached" / "checkpoints" / "last.ckpt").is_file()

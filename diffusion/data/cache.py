@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ def write_cache(
     *,
     shard_size: int = 1024,
     batch_size: int = 32,
-    collate_fn: Callable | None = None,
 ) -> Path:
     """Encode ``dataset`` into shards under ``out_dir``; resumable, and refuses a directory that
     holds a cache of other settings. ``encode`` maps a collated batch to a dict of batched tensors."""
@@ -78,17 +77,30 @@ def write_cache(
             continue
         indices = range(k * shard_size, min(n, (k + 1) * shard_size))
         loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                            collate_fn=collate_fn)
+                            collate_fn=list)
         samples: list[dict[str, Tensor]] = []
         with torch.no_grad():
-            for batch in loader:
-                encoded = encode(batch)
-                size = next(iter(encoded.values())).shape[0]
-                samples += [{key: value[i].cpu().clone() for key, value in encoded.items()} for i in range(size)]
+            for items in loader:
+                samples += _encode_by_shape(items, encode)
         _write_atomic(path, lambda p: torch.save(samples, p))
         log.info("cache %s: shard %d/%d written", out, k + 1, num_shards)
     _write_json(out / "index.json", {"num_samples": n, "shard_size": shard_size, "num_shards": num_shards})
     return out
+
+
+def _encode_by_shape(items: list[dict[str, Any]], encode: Encode) -> list[dict[str, Tensor]]:
+    """Encode a list of samples in batches of equal tensor shapes (aspect-ratio buckets mix
+    sizes within a shard), returning one dict per sample in the original order."""
+    groups: dict[tuple, list[int]] = {}
+    for j, item in enumerate(items):
+        key = tuple((name, tuple(v.shape)) for name, v in item.items() if isinstance(v, Tensor))
+        groups.setdefault(key, []).append(j)
+    out: list[dict[str, Tensor] | None] = [None] * len(items)
+    for members in groups.values():
+        encoded = encode(default_collate([items[j] for j in members]))
+        for pos, j in enumerate(members):
+            out[j] = {name: value[pos].cpu().clone() for name, value in encoded.items()}
+    return out  # type: ignore[return-value]
 
 
 class CachedDataset(Dataset):
