@@ -68,7 +68,7 @@ def main() -> None:
                           generator=torch.Generator().manual_seed(0))
     sample_accuracy = (classifier.predict(to_pixels(images)) == labels.numpy()).mean()
     grid = save_grid(images.view(10, args.per_class, *images.shape[1:])[:, :10].transpose(0, 1).reshape(-1, *images.shape[1:]),
-                     Path(ckpt).parent.parent / "samples" / "benchmark_grid.png", nrow=10, scale=4)
+                     Path(ckpt).parent.parent / "samples" / "benchmark_grid.png", nrow=10)
 
     s = model.sampling
     print(f"checkpoint: {ckpt}")

@@ -1,4 +1,4 @@
-"""What train.py and sample.py run: compose, instantiate, run. No logic of the parts here."""
+"""What train.py, sample.py and cache.py run: compose, instantiate, run. No logic of the parts here."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from torch import Tensor
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from diffusion.data.cache import CachedDataModule, write_cache
 from diffusion.images import save_grid
@@ -45,14 +45,16 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     # Frozen parts built from a config (random weights) must come out the same in cache.py,
     # train.py and sample.py: built under their own RNG seeded with the run's seed.
     # They get plain dicts and lists: diffusers and open_clip do not take OmegaConf's.
-    uses_text = "text_encoder" in str(OmegaConf.to_yaml(cfg.conditioning, resolve=False))
-    if uses_text and cfg.get("text_encoder") is None:
+    conditioner_cfg = cfg.conditioning.conditioner
+    if "encoder" in conditioner_cfg and OmegaConf.select(
+        conditioner_cfg, "encoder", throw_on_resolution_failure=False
+    ) is None:
         raise ValueError("conditioning=text needs a text encoder: add text_encoder=<an option of conf/text_encoder>, "
                          "e.g. text_encoder=openclip_vit_h")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         autoencoder = instantiate(cfg.vae, _convert_="all") if cfg.get("vae") is not None else None
-        conditioner = instantiate(cfg.conditioning.conditioner, _convert_="all")
+        conditioner = instantiate(conditioner_cfg, _convert_="all")
     channels, height, width = cfg.data.image_shape
     if autoencoder is not None:
         factor = autoencoder.downsample_factor
@@ -168,7 +170,7 @@ def sample(cfg: DictConfig) -> Path:
     images = model.sample(cfg.num, condition, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                           generator=generator, progress=cfg.progress)
     out = Path(cfg.out) if cfg.out else path.parent.parent / "samples" / f"sample_{sampler}_{steps}.png"
-    save_grid(images, out, nrow=model.num_classes, scale=4)
+    save_grid(images, out, nrow=model.num_classes)
     np.savez(out.with_suffix(".npz"), images=images.numpy(), condition=np.asarray(condition if condition is not None else []))
     print(f"wrote {out} and {out.with_suffix('.npz')}")
     return out

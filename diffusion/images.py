@@ -12,10 +12,12 @@ from PIL import Image
 from torch import Tensor
 
 
-def to_grid(images: Tensor, nrow: int | None = None, scale: int = 1, padding: int = 1) -> np.ndarray:
+def to_grid(images: Tensor, nrow: int | None = None, scale: int | None = None, padding: int = 1) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> one uint8 image (rows, cols, C) with a ``padding``-pixel border,
-    ``nrow`` images a row (default: square), each enlarged ``scale`` times (nearest)."""
+    ``nrow`` images a row (default: square), each enlarged ``scale`` times (nearest; default:
+    small images to about 32 pixels, large ones as they are)."""
     b, c, h, w = images.shape
+    scale = scale or max(1, 32 // max(h, w))
     nrow = nrow or math.ceil(math.sqrt(b))
     rows = math.ceil(b / nrow)
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -35,6 +37,6 @@ def write_png(grid: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
     """:func:`to_grid` then :func:`write_png`."""
     return write_png(to_grid(images, nrow, scale), path)

@@ -172,7 +172,7 @@ class DiffusionModule(L.LightningModule):
         if self.image_shape is None or self.trainer is None:
             return None
         images = self.sample(self.sampling.num_images, generator=torch.Generator(device=self.device).manual_seed(0))
-        grid = to_grid(images, nrow=self.num_classes, scale=4)  # (H, W, C) uint8
+        grid = to_grid(images, nrow=self.num_classes)  # (H, W, C) uint8
         path = write_png(grid, Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png")
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
