@@ -183,3 +183,27 @@ def test_the_sample_script_takes_its_documented_arguments(train_config, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.is_file() and out.with_suffix(".npz").is_file()
     assert not list(tmp_path.glob("*.log"))  # no log file left in the working directory
+
+
+def test_a_crash_during_a_checkpoint_save_keeps_the_previous_checkpoint(train_config, tmp_path, monkeypatch):
+    cli.train(train_config())
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=True)
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    original = TorchCheckpointIO.save_checkpoint
+
+    def crash_halfway(self, checkpoint, path, storage_options=None):
+        if "last" not in Path(path).name:  # step checkpoints save normally; last.ckpt's save dies
+            return original(self, checkpoint, path, storage_options)
+        Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")  # the process dies mid-write
+        raise RuntimeError("killed during save")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crash_halfway)
+    with pytest.raises(RuntimeError, match="killed during save"):
+        cli.train(train_config("trainer.max_steps=8", f"ckpt_path={last}", run_dir=tmp_path / "run"))
+    monkeypatch.undo()
+    after = torch.load(last, weights_only=True)  # still whole, and still the previous one
+    assert after["global_step"] == before["global_step"] == 4
+    cli.train(train_config("trainer.max_steps=8", f"ckpt_path={last}", run_dir=tmp_path / "resumed"))
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
