@@ -1,4 +1,5 @@
-"""What train.py, sample.py and cache.py run: compose, instantiate, run. No logic of the parts here."""
+"""What train.py, sample.py, cache.py and export.py run: compose, instantiate, run. No logic of
+the parts here."""
 
 from __future__ import annotations
 
@@ -173,4 +174,20 @@ def sample(cfg: DictConfig) -> Path:
     save_grid(images, out, nrow=model.num_classes)
     np.savez(out.with_suffix(".npz"), images=images.numpy(), condition=np.asarray(condition if condition is not None else []))
     print(f"wrote {out} and {out.with_suffix('.npz')}")
+    return out
+
+
+def export(cfg: DictConfig) -> Path:
+    """The EMA weights of a checkpoint as ``ema.safetensors``, beside the resolved ``config.yaml``
+    that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``)."""
+    from safetensors.torch import save_file
+
+    path = _resolve_checkpoint(cfg.ckpt or "last")
+    model = load_module(path)
+    out = Path(cfg.out) if cfg.out else path.parent.parent / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in model.ema.module.state_dict().items()}
+    save_file(weights, out / "ema.safetensors", metadata={"source": str(path)})
+    OmegaConf.save(OmegaConf.create(model.run_config), out / "config.yaml")
+    print(f"wrote {out / 'ema.safetensors'} and {out / 'config.yaml'}")
     return out

@@ -207,3 +207,18 @@ def test_a_crash_during_a_checkpoint_save_keeps_the_previous_checkpoint(train_co
     assert after["global_step"] == before["global_step"] == 4
     cli.train(train_config("trainer.max_steps=8", f"ckpt_path={last}", run_dir=tmp_path / "resumed"))
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_export_writes_the_ema_weights_as_safetensors_beside_the_config(train_config, tmp_path):
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    cli.train(train_config("backbone=unet_tiny"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = cli.export(compose_config("export", [f"ckpt={ckpt}", f"out={tmp_path / 'export'}"], tmp_path))
+    rebuilt = cli.build_module(OmegaConf.load(out / "config.yaml")).backbone
+    rebuilt.load_state_dict(load_file(out / "ema.safetensors"))
+    trained = cli.load_module(ckpt)
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    cond = trained.conditioner.make([3, 4], 2, torch.device("cpu"))
+    torch.testing.assert_close(rebuilt.eval()(x, t, cond), trained.ema.module(x, t, cond))
