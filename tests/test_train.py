@@ -57,6 +57,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         assert type(model.conditioner).__name__ == cfg.conditioning.conditioner._target_.rsplit(".", 1)[1]
     elif group in ("logger", "callbacks"):
         assert all(instantiate(c) is not None for c in node.values())
+    elif group == "trainer" and node.accelerator == "gpu" and not torch.cuda.is_available():
+        with pytest.raises(Exception, match="(?i)gpu|cuda"):  # composes; needs a GPU to build
+            instantiate(node)
     else:
         assert instantiate(node) is not None
 
@@ -222,3 +225,22 @@ def test_export_writes_the_ema_weights_as_safetensors_beside_the_config(train_co
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
     cond = trained.conditioner.make([3, 4], 2, torch.device("cpu"))
     torch.testing.assert_close(rebuilt.eval()(x, t, cond), trained.ema.module(x, t, cond))
+
+
+def test_compiled_backbone_trains_and_keeps_eager_parameter_names(train_config, tmp_path):
+    cli.train(train_config("model.compile=true", "+model.compile_kwargs.backend=eager"))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not [k for k in state if "_orig_mod" in k]
+    cli.load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")  # loads into an eager model
+
+
+def test_two_process_ddp_on_cpu_trains_and_its_checkpoint_samples_in_one_process(tmp_path):
+    fast = [o for o in __import__("tests.conftest", fromlist=["FAST"]).FAST]
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           *fast, f"hydra.run.dir={tmp_path / 'ddp'}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "ddp" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    assert cli.load_module(ckpt).sample(4, steps=2).shape == (4, 1, 8, 8)

@@ -64,6 +64,8 @@ class DiffusionModule(L.LightningModule):
         sampling: SamplingConfig | None = None,
         val_times: int = 8,
         image_shape: tuple[int, int, int] | None = None,
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ):
         """``image_shape`` is the (C, H, W) the backbone works in: the latents' shape when an
         autoencoder is given. Batches carry ``image`` (pixels, encoded here) or ``latent``
@@ -78,6 +80,7 @@ class DiffusionModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.sampling = sampling or SamplingConfig()
         self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.compile, self.compile_kwargs = compile, dict(compile_kwargs or {})
         # Fixed times of the validation loss, mid-points of [0, 1] bins, so runs are comparable.
         self.register_buffer("val_t", (torch.arange(val_times) + 0.5) / val_times, persistent=False)
         self.run_config: dict[str, Any] | None = None  # the resolved config, written into every checkpoint
@@ -96,6 +99,10 @@ class DiffusionModule(L.LightningModule):
             return batch["latent"]
         images = batch["image"]
         return images if self.autoencoder is None else self.autoencoder.encode(images)
+
+    def configure_model(self) -> None:
+        if self.compile:  # in place: parameter names, and so checkpoints, stay those of the eager model
+            self.backbone.compile(**self.compile_kwargs)
 
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
