@@ -80,6 +80,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in cfg.logger.values()]
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    if cfg.get("global_batch_size"):
+        datamodule.batch_size = per_device_batch_size(cfg.global_batch_size, trainer.world_size,
+                                                      trainer.accumulate_grad_batches)
     for logger in loggers:
         logger.log_hyperparams(resolved)
     ckpt_path = _resolve_checkpoint(cfg.ckpt_path)
@@ -87,6 +90,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _check_same_model(ckpt_path, model)
     trainer.fit(model, datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: int = 1) -> int:
+    """The batch each process loads so that one optimiser step sees ``global_batch_size`` samples."""
+    shares = world_size * accumulate
+    if global_batch_size % shares:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by world size {world_size} x "
+            f"accumulate_grad_batches {accumulate} = {shares}; choose a multiple of {shares}"
+        )
+    return global_batch_size // shares
 
 
 def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]:

@@ -244,3 +244,28 @@ def test_two_process_ddp_on_cpu_trains_and_its_checkpoint_samples_in_one_process
     ckpt = tmp_path / "ddp" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4
     assert cli.load_module(ckpt).sample(4, steps=2).shape == (4, 1, 8, 8)
+
+
+def test_global_batch_size_is_split_over_processes_and_accumulation(train_config, tmp_path):
+    assert cli.per_device_batch_size(64, 4, 2) == 8
+    with pytest.raises(ValueError, match=r"global_batch_size=30 is not divisible by world size 4 x accumulate_grad_batches 2"):
+        cli.per_device_batch_size(30, 4, 2)
+    cli.train(train_config("global_batch_size=24", "trainer.accumulate_grad_batches=2"))  # 12 a batch
+
+
+def test_an_unknown_strategy_name_is_refused(train_config):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=r"invalid strategy name: `strategy='fsdq'`.*Example choices"):
+        cli.train(train_config("+trainer.strategy=fsdq"))
+
+
+def test_a_resumed_run_in_the_same_directory_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    from diffusion.loggers import wandb_logger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    first = wandb_logger(save_dir=tmp_path / "run")
+    second = wandb_logger(save_dir=tmp_path / "run")
+    other = wandb_logger(save_dir=tmp_path / "other")
+    assert first._id == second._id != other._id
