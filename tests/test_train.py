@@ -269,3 +269,45 @@ def test_a_resumed_run_in_the_same_directory_continues_the_same_wandb_run(tmp_pa
     second = wandb_logger(save_dir=tmp_path / "run")
     other = wandb_logger(save_dir=tmp_path / "other")
     assert first._id == second._id != other._id
+
+
+@pytest.mark.parametrize("signum", ["SIGUSR1", "SIGTERM"])
+def test_a_simulated_slurm_job_saves_on_a_signal_requeues_and_resumes_in_the_same_directory(signum, tmp_path):
+    """SIGUSR1: SLURM's warning before the time limit; SIGTERM: preemption."""
+    import os
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+           "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NNODES": "1",
+           "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1"}
+    fast = [o for o in __import__("tests.conftest", fromlist=["FAST"]).FAST if not o.startswith("trainer.max_steps")]
+    cmd = [sys.executable, str(ROOT / "train.py"), *fast, "trainer.max_steps=100000", "trainer.val_check_interval=1000"]
+    run = tmp_path / "outputs" / "4242"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((run / "checkpoints").glob("step_*.ckpt")) and time.time() < deadline:  # training is under way
+        time.sleep(0.2)
+    os.kill(proc.pid, getattr(signal, signum))
+    while not list(run.glob("hpc_ckpt_*.ckpt")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the requeue call finish
+    proc.kill()  # SLURM ends the job (after SIGTERM, the run has already stopped by itself)
+    proc.wait()
+    saved = sorted(run.glob("hpc_ckpt_*.ckpt"))
+    assert saved, f"no checkpoint saved on {signum}"
+    assert "requeue 4242" in (tmp_path / "requeued").read_text()
+    step = torch.load(saved[-1], weights_only=True)["global_step"]
+
+    # The requeued job: same job id, same command; it resumes from the checkpoint in outputs/4242.
+    target = step + 3 + (step + 3) % 2  # checkpoints are written every 2 steps
+    again = subprocess.run([*cmd[:-2], f"trainer.max_steps={target}", "trainer.val_check_interval=1000"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"hpc_ckpt_{len(saved)}.ckpt" in (run / "train.log").read_text()  # restored from it
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == target
