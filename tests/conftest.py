@@ -51,3 +51,17 @@ def train_config(tmp_path):
         return compose_config("train", [*FAST, *overrides], run_dir or tmp_path / "run")
 
     return make
+
+
+class StopAtStep:
+    """A callback that stops training after ``step`` optimiser steps, as a preemption would."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class _Stop(L.Callback):
+            def on_train_batch_end(self, trainer, *args, **kwargs):
+                if trainer.global_step >= step:
+                    trainer.should_stop = True
+
+        return _Stop()

@@ -311,3 +311,30 @@ def test_a_simulated_slurm_job_saves_on_a_signal_requeues_and_resumes_in_the_sam
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"hpc_ckpt_{len(saved)}.ckpt" in (run / "train.log").read_text()  # restored from it
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == target
+
+
+def _losses(run: Path) -> dict[int, float]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_exact_resume_reproduces_the_losses_of_an_uninterrupted_run(train_config, tmp_path):
+    """Stopped mid-epoch at step 6 and resumed, steps 7..14 give the losses of a run that never
+    stopped: weights, EMA, optimiser, schedule, the training RNG and the data position restored."""
+    common = ["trainer.log_every_n_steps=1", "data.module.batch_size=128", "trainer.val_check_interval=1000"]
+    cli.train(train_config(*common, "trainer.max_steps=14", run_dir=tmp_path / "straight"))
+    # Same configuration, stopped at step 6 mid-epoch (11 batches an epoch), as a preemption would.
+    cli.train(train_config(*common, "trainer.max_steps=14", "+callbacks.stop._target_=tests.conftest.StopAtStep",
+                           "+callbacks.stop.step=6", run_dir=tmp_path / "first"))
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    cli.train(train_config(*common, "trainer.max_steps=14", f"ckpt_path={ckpt}", run_dir=tmp_path / "resumed"))
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(6, 14))  # steps 7..14 (logged 0-based)
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], abs=1e-6), step
+    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    reference = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-6)

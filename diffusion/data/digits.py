@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion.data.resumable import EpochSampler
+
 NUM_CLASSES = 10
 
 
@@ -70,10 +72,16 @@ class DigitsDataModule(L.LightningDataModule):
         return _TensorImages(*self.splits[split])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=self.seed)
+        if shuffle and self.trainer is not None:  # a resumed run continues its epoch at the next batch
+            # `processed`, not `completed`: checkpoints are written before Lightning completes the batch.
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.resume(self.trainer.current_epoch, done * self.batch_size)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

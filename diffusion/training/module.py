@@ -66,6 +66,7 @@ class DiffusionModule(L.LightningModule):
         image_shape: tuple[int, int, int] | None = None,
         compile: bool = False,
         compile_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
     ):
         """``image_shape`` is the (C, H, W) the backbone works in: the latents' shape when an
         autoencoder is given. Batches carry ``image`` (pixels, encoded here) or ``latent``
@@ -81,6 +82,11 @@ class DiffusionModule(L.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.compile, self.compile_kwargs = compile, dict(compile_kwargs or {})
+        # t, noise and condition dropout draw from this generator (seeded per rank, saved in every
+        # checkpoint), so a resumed run draws what an uninterrupted one would have.
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self._restored_rng: Tensor | None = None  # applied once the generator exists on its device
         # Fixed times of the validation loss, mid-points of [0, 1] bins, so runs are comparable.
         self.register_buffer("val_t", (torch.arange(val_times) + 0.5) / val_times, persistent=False)
         self.run_config: dict[str, Any] | None = None  # the resolved config, written into every checkpoint
@@ -100,6 +106,14 @@ class DiffusionModule(L.LightningModule):
         images = batch["image"]
         return images if self.autoencoder is None else self.autoencoder.encode(images)
 
+    def _training_generator(self) -> torch.Generator:
+        if self.generator is None or self.generator.device != self.device:
+            self.generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
+            if self._restored_rng is not None:
+                self.generator.set_state(self._restored_rng)
+                self._restored_rng = None
+        return self.generator
+
     def configure_model(self) -> None:
         if self.compile:  # in place: parameter names, and so checkpoints, stay those of the eager model
             self.backbone.compile(**self.compile_kwargs)
@@ -107,8 +121,10 @@ class DiffusionModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x0 = self.latents(batch)
-        cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout)
-        out = self.objective(partial(self.backbone, cond=cond), x0)
+        generator = self._training_generator()
+        cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
+                              generator=generator)
+        out = self.objective(partial(self.backbone, cond=cond), x0, generator=generator)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite training loss ({out.loss.item()}) at step {self.global_step}; training stops here and "
@@ -176,7 +192,7 @@ class DiffusionModule(L.LightningModule):
     def log_samples(self) -> Path | None:
         """A grid of samples (a column per class) saved under the run directory and sent to the
         loggers that take images (Weights & Biases, TensorBoard)."""
-        if self.image_shape is None or self.trainer is None:
+        if self.image_shape is None or self._trainer is None:
             return None
         images = self.sample(self.sampling.num_images, generator=torch.Generator(device=self.device).manual_seed(0))
         grid = to_grid(images, nrow=self.num_classes)  # (H, W, C) uint8
@@ -192,7 +208,8 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         optimizer = torch.optim.AdamW(self.backbone.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else o.warmup_steps
+        trainer = self._trainer  # None outside a Trainer (self.trainer raises there)
+        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else o.warmup_steps
         schedule = partial(warmup_then_decay, warmup_steps=o.warmup_steps, total_steps=total, decay=o.decay,
                            min_ratio=o.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -200,6 +217,12 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["run_config"] = self.run_config
+        checkpoint["training_rng"] = self._training_generator().get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores before it moves the model to its device: keep the state until then.
+        if "training_rng" in checkpoint:
+            self._restored_rng, self.generator = checkpoint["training_rng"].cpu(), None
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         state = super().state_dict(*args, **kwargs)
