@@ -338,3 +338,26 @@ def test_exact_resume_reproduces_the_losses_of_an_uninterrupted_run(train_config
     reference = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for name in reference:
         torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-6)
+
+
+def test_two_processes_launched_as_two_nodes_over_loopback_train_together(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fast = __import__("tests.conftest", fromlist=["FAST"]).FAST
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    procs = []
+    for node in (0, 1):
+        env = {**base, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "NODE_RANK": str(node)}
+        cmd = [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1",
+               "trainer.num_nodes=2", *fast, f"hydra.run.dir={tmp_path / f'node{node}'}"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert torch.load(tmp_path / "node0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert "world_size=2" in errors[0] or "GLOBAL_RANK: 0, MEMBER: 1/2" in errors[0] + (tmp_path / "node0" / "train.log").read_text()
