@@ -361,3 +361,18 @@ def test_two_processes_launched_as_two_nodes_over_loopback_train_together(tmp_pa
     assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     assert torch.load(tmp_path / "node0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert "world_size=2" in errors[0] or "GLOBAL_RANK: 0, MEMBER: 1/2" in errors[0] + (tmp_path / "node0" / "train.log").read_text()
+
+
+def test_the_slurm_launcher_config_composes_with_its_options(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=4", "hydra.launcher.gpus_per_node=4",
+                                          "hydra.launcher.partition=gpu", "hydra.launcher.account=lab",
+                                          "hydra.launcher.timeout_min=60"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (4, 4, 4)
+    assert (launcher.partition, launcher.account, launcher.timeout_min) == ("gpu", "lab", 60)
