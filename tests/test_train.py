@@ -376,3 +376,15 @@ def test_the_slurm_launcher_config_composes_with_its_options(tmp_path):
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (4, 4, 4)
     assert (launcher.partition, launcher.account, launcher.timeout_min) == ("gpu", "lab", 60)
+
+
+def test_two_process_fsdp2_on_cpu_trains_and_its_checkpoint_samples_in_one_process(tmp_path):
+    fast = __import__("tests.conftest", fromlist=["FAST"]).FAST
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+           *fast, f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["global_step"] == 4
+    assert cli.load_module(ckpt).sample(4, steps=2).shape == (4, 1, 8, 8)

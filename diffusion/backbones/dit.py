@@ -84,6 +84,8 @@ class DiT(nn.Module):
     pooled if pooled_dim; the model refuses fields it was not built for.
     """
 
+    block_types = (DiTBlock,)  # the units of FSDP sharding
+
     def __init__(
         self,
         in_channels: int = 4,

@@ -159,6 +159,8 @@ class UNet(nn.Module):
     by 2 ** (len(channel_mult) - 1).
     """
 
+    block_types = (ResBlock, AttentionBlock, SpatialTransformer)  # the units of FSDP sharding
+
     def __init__(
         self,
         in_channels: int = 4,

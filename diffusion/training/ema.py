@@ -30,13 +30,20 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
         ema_params = list(self.module.parameters())
-        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+        # Under FSDP the model's parameters are shards (DTensors); the average is kept whole.
+        params = [_whole(p).detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
+            ema_buffer.copy_(_whole(buffer))
         self.num_updates += 1
 
     def train(self, mode: bool = True) -> "EMA":
         super().train(mode)
         self.module.eval()  # the average is never trained; it stays in eval mode
         return self
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full value of a possibly sharded tensor (an all-gather for an FSDP2 DTensor)."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor

@@ -115,6 +115,14 @@ class DiffusionModule(L.LightningModule):
         return self.generator
 
     def configure_model(self) -> None:
+        mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp)
+        if mesh is not None and not getattr(self, "_sharded", False):
+            from diffusion.training.sharding import fully_shard_by_block
+
+            # The EMA copy stays whole on every process (updated from gathered shards), so
+            # validation and sampling run it as in a single process; it costs one full copy.
+            fully_shard_by_block(self.backbone, mesh["data_parallel"])
+            self._sharded = True
         if self.compile:  # in place: parameter names, and so checkpoints, stay those of the eager model
             self.backbone.compile(**self.compile_kwargs)
 
