@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion.samplers import SAMPLERS, ancestral, ddim, dpmpp_2m, euler, get_sampler, grids, heun
+from diffusion.samplers import SAMPLERS, ancestral, dpmpp_2m, euler, get_sampler, grids, heun
 from diffusion.toy import GaussianMixture
 from tests.theories import THEORIES
 

@@ -7,32 +7,18 @@ data whichever autoencoder is plugged in; `decode` undoes the normalisation.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from diffusion.frozen import FrozenModule, weights_sha256
 
 # Images are expected in [-1, 1]; this margin only catches the common mistake of [0, 255] input.
 _IMAGE_RANGE_LIMIT = 1.5
 
 
-def weights_sha256(module: nn.Module) -> str:
-    """sha256 over the state_dict, keys sorted, each tensor's name, dtype, shape and bytes.
-
-    Hashes the tensors as they are (current dtype), so a float16 copy of a model differs from
-    its float32 original; that is wanted, their outputs differ too.
-    """
-    digest = hashlib.sha256()
-    state = module.state_dict()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class Autoencoder(nn.Module, ABC):
+class Autoencoder(FrozenModule, ABC):
     """Frozen encoder-decoder: eval mode, no gradients; subclasses call `_freeze()` last in `__init__`."""
 
     latent_channels: int
@@ -49,16 +35,6 @@ class Autoencoder(nn.Module, ABC):
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """(B, latent_channels, h, w) normalised latents -> (B, image_channels, h*f, w*f) in ~[-1, 1]."""
-
-    # -- frozen ---------------------------------------------------------------------
-    def _freeze(self) -> None:
-        self.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> Autoencoder:
-        # Stays in eval mode when a parent module is put in train mode: the weights are pretrained
-        # and fixed, and the encoding of an image must not depend on the training phase.
-        return super().train(False)
 
     @property
     def dtype(self) -> torch.dtype | None:

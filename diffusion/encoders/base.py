@@ -6,13 +6,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from diffusion.autoencoders.base import weights_sha256
+from diffusion.frozen import FrozenModule, weights_sha256
 from diffusion.conditioning.types import Conditioning
 
 
-class TextEncoder(nn.Module, ABC):
+class TextEncoder(FrozenModule, ABC):
     """Frozen, eval, no grad. Subclasses set the attributes below and call `_freeze()` last in `__init__`.
 
     tokens (B, max_length, token_dim) float; mask (B, max_length) bool, True = real token (special
@@ -48,15 +47,6 @@ class TextEncoder(nn.Module, ABC):
         if batch_size < 1:
             raise ValueError(f"null_condition expects batch_size >= 1, got {batch_size}.")
         return self([""]).expand(batch_size)
-
-    # -- frozen ---------------------------------------------------------------------
-    def _freeze(self) -> None:
-        self.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        # Stays in eval mode (no dropout) when a parent module is put in train mode.
-        return super().train(False)
 
     @property
     def device(self) -> torch.device:

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 import torch
 from torch import Tensor, nn
 
-from diffusion.conditioning import Conditioner, Conditioning, Unconditional, drop_condition
+from diffusion.conditioning import Conditioner, Unconditional, drop_condition
 from diffusion.images import to_grid, write_png
 from diffusion.objective import DiffusionObjective
 from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
