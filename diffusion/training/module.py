@@ -82,6 +82,7 @@ class DiffusionModule(L.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.compile, self.compile_kwargs = compile, dict(compile_kwargs or {})
+        self._sharded = False  # configure_model may be called again (e.g. when a run resumes)
         # t, noise and condition dropout draw from this generator (seeded per rank, saved in every
         # checkpoint), so a resumed run draws what an uninterrupted one would have.
         self.seed = seed
@@ -116,7 +117,7 @@ class DiffusionModule(L.LightningModule):
 
     def configure_model(self) -> None:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp)
-        if mesh is not None and not getattr(self, "_sharded", False):
+        if mesh is not None and not self._sharded:
             from diffusion.training.sharding import fully_shard_by_block
 
             # The EMA copy stays whole on every process (updated from gathered shards), so
