@@ -84,8 +84,25 @@ def write_cache(
                 samples += _encode_by_shape(items, encode)
         _write_atomic(path, lambda p: torch.save(samples, p))
         log.info("cache %s: shard %d/%d written", out, k + 1, num_shards)
-    _write_json(out / "index.json", {"num_samples": n, "shard_size": shard_size, "num_shards": num_shards})
+    index = {"num_samples": n, "shard_size": shard_size, "num_shards": num_shards}
+    _write_json(out / "index.json", {**index, **_latent_shapes(out, num_shards)})
     return out
+
+
+def _latent_shapes(out: Path, num_shards: int) -> dict[str, Any]:
+    """Each sample's latent shape (its bucket), recorded once here so that training need not
+    read every shard to batch by shape: the distinct shapes and each sample's index into them."""
+    shapes: list[list[int]] = []
+    shape_of_sample: list[int] = []
+    for k in range(num_shards):
+        for sample in torch.load(out / f"shard_{k:05d}.pt", weights_only=True):
+            if "latent" not in sample:
+                return {}
+            shape = list(sample["latent"].shape)
+            if shape not in shapes:
+                shapes.append(shape)
+            shape_of_sample.append(shapes.index(shape))
+    return {"shapes": shapes, "shape_of_sample": shape_of_sample}
 
 
 def _encode_by_shape(items: list[dict[str, Any]], encode: Encode) -> list[dict[str, Tensor]]:
@@ -114,6 +131,7 @@ class CachedDataset(Dataset):
                                     "(python cache.py ...) to write or finish it")
         meta = json.loads(index.read_text())
         self.num_samples, self.shard_size = meta["num_samples"], meta["shard_size"]
+        self._shapes, self._shape_of_sample = meta.get("shapes"), meta.get("shape_of_sample")
         found = json.loads((self.dir / "fingerprint.json").read_text())
         if fingerprint is not None:
             diff = fingerprint_difference(fingerprint, found)
@@ -135,8 +153,10 @@ class CachedDataset(Dataset):
         return self._shard(i // self.shard_size)[i % self.shard_size]
 
     def shapes(self) -> list[tuple[int, ...]]:
-        """The latent shape of every sample (the bucket of aspect-ratio batching)."""
-        return [tuple(self[i]["latent"].shape) for i in range(len(self))]
+        """The latent shape of every sample (the bucket of aspect-ratio batching), from the index."""
+        if self._shapes is None:
+            raise ValueError(f"the cache in {self.dir} records no latent shapes; re-encode it (python cache.py ...)")
+        return [tuple(self._shapes[j]) for j in self._shape_of_sample]
 
 
 class _ShapeBatchSampler(Sampler[list[int]]):
@@ -166,7 +186,9 @@ class _ShapeBatchSampler(Sampler[list[int]]):
         yield from self._batches()
 
     def __len__(self) -> int:
-        return len(self._batches())
+        if self.shuffle:  # full batches only
+            return sum(len(members) // self.batch_size for members in self.groups.values())
+        return sum(math.ceil(len(members) / self.batch_size) for members in self.groups.values())
 
 
 class CachedDataModule(L.LightningDataModule):
