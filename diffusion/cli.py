@@ -17,6 +17,7 @@ from torch import Tensor
 
 from diffusion.data.cache import CachedDataModule, write_cache
 from diffusion.images import save_grid
+from diffusion.training.checkpoint_io import check_state_fits
 from diffusion.training.module import DiffusionModule
 
 # The EMA copy is kept in eval mode on purpose.
@@ -85,9 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                                       trainer.accumulate_grad_batches)
     for logger in loggers:
         logger.log_hyperparams(resolved)
-    ckpt_path = _resolve_checkpoint(cfg.ckpt_path)
-    if ckpt_path is not None:
-        _check_same_model(ckpt_path, model)
+    ckpt_path = _resolve_checkpoint(cfg.ckpt_path)  # a checkpoint of another model: DiffusionModule.on_load_checkpoint
     trainer.fit(model, datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -142,29 +141,10 @@ def load_module(path: str | Path) -> DiffusionModule:
         raise ValueError(f"{path} carries no run_config: it was not written by this project's train.py")
     model = build_module(OmegaConf.create(config))
     model.run_config = config
-    _load_state(model, checkpoint["state_dict"], path)
+    # Without the frozen parts (see DiffusionModule.FROZEN), as checkpoints hold them.
+    check_state_fits(model.state_dict(), checkpoint["state_dict"], f"checkpoint {path}")
+    model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
-
-
-def _load_state(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
-    expected = model.state_dict()  # without the frozen parts (see DiffusionModule.FROZEN)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:
-        def show(names):
-            return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-        raise ValueError(
-            f"checkpoint {path} does not fit this model (another backbone or size?): "
-            f"missing {show(missing) or 'none'}; unexpected {show(unexpected) or 'none'}; "
-            f"shape differs {show(mismatched) or 'none'}"
-        )
-    model.load_state_dict(state)
-
-
-def _check_same_model(path: Path, model: DiffusionModule) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    _load_state(model, state, path)  # raises with the differing names before Lightning tries
 
 
 def sample(cfg: DictConfig) -> Path:

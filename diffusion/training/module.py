@@ -19,6 +19,7 @@ from diffusion.objective import DiffusionObjective
 from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
 from diffusion.schedules import Schedule
 from diffusion.timesteps import TimeDistribution, Uniform
+from diffusion.training.checkpoint_io import check_state_fits
 from diffusion.training.ema import EMA
 from diffusion.training.lr import warmup_then_decay
 from diffusion.weighting import LossWeighting, NoWeighting
@@ -229,6 +230,8 @@ class DiffusionModule(L.LightningModule):
         checkpoint["training_rng"] = self._training_generator().get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called with the checkpoint Lightning has loaded, before it applies the weights.
+        check_state_fits(self.state_dict(), checkpoint["state_dict"], "the checkpoint to resume from")
         # Lightning restores before it moves the model to its device: keep the state until then.
         if "training_rng" in checkpoint:
             self._restored_rng, self.generator = checkpoint["training_rng"].cpu(), None
