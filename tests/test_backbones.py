@@ -152,9 +152,9 @@ def train_steps(model: nn.Module, cond: Conditioning, steps: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["labels", "text"])
-def test_dit_output_depends_on_condition_after_training_steps(kind: str) -> None:
-    """adaLN-Zero: every path but the final linear reaches the loss through that zeroed linear, so the
-    first step moves only it (the output cannot depend on the condition yet); the second step does."""
+def test_dit_output_depends_on_the_condition_after_one_optimiser_step(kind: str) -> None:
+    """Zero at init; one step moves only the final linear (every other path reaches the loss through
+    it), and that is enough: the final adaLN modulation, not zeroed, carries labels and pooled text."""
     torch.manual_seed(0)
     if kind == "labels":
         model = tiny_dit(num_classes=10)
@@ -163,14 +163,26 @@ def test_dit_output_depends_on_condition_after_training_steps(kind: str) -> None
         model = tiny_dit(token_dim=16, pooled_dim=8)
         cond, other = text_cond(4, seed=0), text_cond(4, seed=1)
     x, t = inputs(4, 4, 8, 8, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, cond), torch.zeros_like(x))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
 
     train_steps(model, cond, 1)
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, initial[k])}
     assert moved == {"final_layer.linear.weight", "final_layer.linear.bias"}
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, cond), model(x, t, other), rtol=0, atol=0)
+        assert (model(x, t, cond) - model(x, t, other)).abs().max() > 1e-4
 
+
+def test_dit_text_tokens_reach_the_output_from_the_second_step() -> None:
+    """Tokens alone enter through cross-attention whose output projection starts at zero (PixArt-alpha)."""
+    torch.manual_seed(0)
+    model = tiny_dit(token_dim=16)
+    cond, other = text_cond(4, seed=0).replace(pooled=None), text_cond(4, seed=1).replace(pooled=None)
+    x, t = inputs(4, 4, 8, 8, seed=5)
+    train_steps(model, cond, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, cond), model(x, t, other), rtol=0, atol=0)
     train_steps(model, cond, 1)
     with torch.no_grad():
         assert (model(x, t, cond) - model(x, t, other)).abs().max() > 1e-6

@@ -137,7 +137,16 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """The DiT reference initialisation: ViT-style, then zero every adaLN modulation and the final linear."""
+        """The DiT paper's initialisation: ViT-style, with every block's adaLN modulation (so its gates)
+        and the final linear zeroed, so the model starts as exactly zero and every block as the identity.
+
+        The final layer's own modulation keeps its ViT init, as the paper's text has it ("we initialize the
+        final linear layer with zeros and otherwise use standard weight initialization techniques from
+        ViT") and as PixArt-alpha's final layer does. The reference code zeroes it too; then the first
+        optimiser step could only move the final linear, and the output would ignore the condition until
+        the second step. Kept, class labels and the pooled vector shape the output from the first step
+        (text tokens, through cross-attention zero-initialised as in PixArt-alpha, from the second).
+        """
 
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -163,9 +172,8 @@ class DiT(nn.Module):
             if block.cross_attn is not None:  # PixArt-alpha zeroes the cross-attention output
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         check_input("DiT", x, t, self.in_channels, self.patch_size, "the patch size")
