@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets: their shapes, the assignment of images, and the batch sampler."""
+"""Aspect-ratio buckets: their shapes, the assignment of images, and batches of one bucket."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
-from diffusion.data.buckets import BucketBatchSampler, assign_buckets, make_buckets
+from diffusion.data.buckets import assign_buckets, make_buckets
 from diffusion.data.captions import ImageCaptionDataModule, ImageCaptionDataset
 from tests.make_captioned_folder import make_captioned_folder
 
@@ -53,56 +53,6 @@ def test_each_image_lands_in_the_bucket_of_closest_aspect_ratio(tmp_path):
         assert ds.bucket_ids[index] == assign_buckets([record.size], buckets)[0]
         assert item["image"].shape[1:] == ds.buckets[ds.bucket_ids[index]]
     assert ds.buckets[ds.bucket_ids[[r.size for r in ds.records].index((96, 48))]] == (48, 80)  # 2:1 -> widest
-
-
-BUCKET_IDS = [0] * 7 + [1] * 5 + [2] * 9 + [3] * 2  # 23 images in 4 buckets
-
-
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_sampler_batches_are_single_bucket_and_len_is_exact(drop_last):
-    sampler = BucketBatchSampler(BUCKET_IDS, batch_size=3, drop_last=drop_last, seed=1)
-    batches = list(sampler)
-    assert len(sampler) == len(batches) == (2 + 1 + 3 + 0 if drop_last else 3 + 2 + 3 + 1)
-    assert all(len({BUCKET_IDS[i] for i in batch}) == 1 for batch in batches)
-    assert len({BUCKET_IDS[batch[0]] for batch in batches}) > 1
-    seen = [i for batch in batches for i in batch]
-    assert len(seen) == len(set(seen))
-    if drop_last:
-        assert all(len(batch) == 3 for batch in batches)
-    else:
-        assert sorted(seen) == list(range(len(BUCKET_IDS)))
-    # batches of several buckets are interleaved, not bucket after bucket
-    assert [BUCKET_IDS[b[0]] for b in batches] != sorted(BUCKET_IDS[b[0]] for b in batches)
-
-
-def test_set_epoch_changes_the_order_deterministically():
-    a, b = BucketBatchSampler(BUCKET_IDS, 2, seed=3), BucketBatchSampler(BUCKET_IDS, 2, seed=3)
-    assert list(a) == list(b)
-    first = list(a)
-    a.set_epoch(1)
-    b.set_epoch(1)
-    assert list(a) == list(b) != first
-    a.set_epoch(0)
-    assert list(a) == first
-    assert list(BucketBatchSampler(BUCKET_IDS, 2, seed=4)) != first
-
-
-def test_unshuffled_sampler_keeps_the_order():
-    batches = list(BucketBatchSampler(BUCKET_IDS, 4, shuffle=False, drop_last=False))
-    assert [i for batch in batches for i in batch] == list(range(len(BUCKET_IDS)))
-
-
-def test_ranks_get_disjoint_batches_of_equal_count():
-    ranks = [list(BucketBatchSampler(BUCKET_IDS, 2, seed=0, num_replicas=3, rank=r)) for r in range(3)]
-    assert len({len(r) for r in ranks}) == 1
-    assert len(ranks[0]) == len(BucketBatchSampler(BUCKET_IDS, 2, num_replicas=3, rank=1))
-    flat = [i for r in ranks for batch in r for i in batch]
-    assert len(flat) == len(set(flat))
-
-
-def test_sampler_refuses_a_sampler_in_place_of_bucket_ids():
-    with pytest.raises(TypeError, match="use_distributed_sampler=false"):
-        BucketBatchSampler(iter(BUCKET_IDS), 2)
 
 
 def test_datamodule_batches_mix_resolutions_across_the_epoch(tmp_path):

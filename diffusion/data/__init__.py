@@ -2,16 +2,17 @@
 (class-conditional) or ``caption`` / ``has_caption`` (text), or ``latent`` and the cached
 condition when training from a cache; ``dataset(split)`` gives a split unshuffled."""
 
-from diffusion.data.buckets import BucketBatchSampler, make_buckets
+from diffusion.data.batching import GlobalBatchSampler
+from diffusion.data.buckets import make_buckets
 from diffusion.data.cache import CachedDataModule, CachedDataset, write_cache
 from diffusion.data.captions import ImageCaptionDataModule, ImageCaptionDataset
 from diffusion.data.digits import DigitsDataModule, load_digits_split
 
 __all__ = [
-    "BucketBatchSampler",
     "CachedDataModule",
     "CachedDataset",
     "DigitsDataModule",
+    "GlobalBatchSampler",
     "ImageCaptionDataModule",
     "ImageCaptionDataset",
     "load_digits_split",

@@ -5,13 +5,11 @@ Buckets are ``(height, width)``; image sizes are PIL's ``(width, height)``."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
 
 from diffusion._checks import check_positive
 
@@ -71,61 +69,3 @@ def assign_buckets(sizes: Sequence[tuple[int, int]], buckets: Sequence[tuple[int
     image_log_ratio = np.log([w / h for w, h in sizes])[:, None]
     bucket_log_ratio = np.log([w / h for h, w in buckets])[None, :]
     return np.abs(image_log_ratio - bucket_log_ratio).argmin(axis=1).tolist()  # ties: the first bucket
-
-
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices of one bucket each, batch order shuffled across buckets.
-
-    The order depends only on ``(seed, epoch)``: ``set_epoch`` (called by Lightning through the
-    ``sampler`` attribute each epoch) gives a new order, the same on every rank and on resume.
-    With ``num_replicas > 1`` each rank takes every ``num_replicas``-th batch of that order (use
-    ``Trainer(use_distributed_sampler=False)``); ranks get the same number of batches.
-    """
-
-    def __init__(
-        self,
-        bucket_of_each_index: Sequence[int],
-        batch_size: int,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ):
-        if not isinstance(bucket_of_each_index, Sequence):
-            # Lightning tries BucketBatchSampler(DistributedSampler, ...) under DDP: refuse it loudly.
-            raise TypeError(
-                f"bucket_of_each_index must be a sequence of bucket ids, got {type(bucket_of_each_index).__name__}; "
-                "under DDP set trainer.use_distributed_sampler=false, this sampler splits batches by rank itself"
-            )
-        check_positive("batch_size", batch_size)
-        if seed < 0 or not 0 <= rank < num_replicas:
-            raise ValueError(f"need seed >= 0 and 0 <= rank < num_replicas; got {seed=}, {rank=}, {num_replicas=}")
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.seed, self.num_replicas, self.rank, self.epoch = seed, num_replicas, rank, 0
-        groups: dict[int, list[int]] = {}
-        for index, bucket in enumerate(bucket_of_each_index):
-            groups.setdefault(int(bucket), []).append(index)
-        self.groups = dict(sorted(groups.items()))
-        self.sampler = self  # Lightning calls set_epoch on `dataloader.batch_sampler.sampler`
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches_per_bucket(self, n: int) -> int:
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __len__(self) -> int:
-        return sum(self._batches_per_bucket(len(g)) for g in self.groups.values()) // self.num_replicas
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        batches: list[list[int]] = []
-        for members in self.groups.values():
-            order = [members[i] for i in rng.permutation(len(members))] if self.shuffle else members
-            n_batches = self._batches_per_bucket(len(order))
-            batches += [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(n_batches)]
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        usable = len(batches) // self.num_replicas * self.num_replicas  # equal counts, or DDP hangs
-        yield from batches[self.rank : usable : self.num_replicas]

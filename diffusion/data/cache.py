@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from diffusion.data.batching import batch_sampler
 
 log = logging.getLogger(__name__)
 
@@ -159,38 +161,6 @@ class CachedDataset(Dataset):
         return [tuple(self._shapes[j]) for j in self._shape_of_sample]
 
 
-class _ShapeBatchSampler(Sampler[list[int]]):
-    """Batches of samples whose latents share one shape, shuffled per epoch (cached buckets)."""
-
-    def __init__(self, shapes: list[tuple[int, ...]], batch_size: int, shuffle: bool, seed: int):
-        self.groups: dict[tuple[int, ...], list[int]] = {}
-        for i, shape in enumerate(shapes):
-            self.groups.setdefault(shape, []).append(i)
-        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches = []
-        for members in self.groups.values():
-            order = [members[j] for j in torch.randperm(len(members), generator=g)] if self.shuffle else members
-            full = len(order) // self.batch_size if self.shuffle else math.ceil(len(order) / self.batch_size)
-            batches += [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(full)]
-        if self.shuffle:
-            batches = [batches[j] for j in torch.randperm(len(batches), generator=g)]
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
-
-    def __len__(self) -> int:
-        if self.shuffle:  # full batches only
-            return sum(len(members) // self.batch_size for members in self.groups.values())
-        return sum(math.ceil(len(members) / self.batch_size) for members in self.groups.values())
-
-
 class CachedDataModule(L.LightningDataModule):
     """Training batches from ``cache_dir/train`` (and ``cache_dir/val`` when present): dicts of
     ``latent`` and the cached condition (``label`` or ``tokens``/``mask``/``pooled``)."""
@@ -201,13 +171,14 @@ class CachedDataModule(L.LightningDataModule):
         self.cache_dir, self.batch_size, self.fingerprint = Path(cache_dir), batch_size, fingerprint
         self.num_workers, self.seed = num_workers, seed
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
         data = CachedDataset(self.cache_dir / split, self.fingerprint)
-        sampler = _ShapeBatchSampler(data.shapes(), self.batch_size, shuffle, self.seed)
-        return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers)
+        sampler = batch_sampler(self.trainer, data.shapes(), self.batch_size, train=train, seed=self.seed)
+        return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if (self.cache_dir / "val" / "index.json").exists() else []
+        return self._loader("val", train=False) if (self.cache_dir / "val" / "index.json").exists() else []

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion._checks import check_choice
-from diffusion.data.buckets import BucketBatchSampler, BucketConfig, assign_buckets, make_buckets
+from diffusion.data.batching import batch_sampler
+from diffusion.data.buckets import BucketConfig, assign_buckets, make_buckets
 from diffusion.data.images import (
     IMAGE_EXTS,
     FolderScan,
@@ -245,23 +246,11 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.val_set = self._dataset(val_scan, train=False) if val_scan is not None else None
 
     def _loader(self, dataset: ImageCaptionDataset, train: bool) -> DataLoader:
-        kwargs: dict[str, Any] = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        trainer = self.trainer  # set by Lightning; rank and world size for DDP
-        if self.buckets is not None:
-            sampler = BucketBatchSampler(
-                dataset.bucket_ids, self.batch_size, shuffle=train, drop_last=train, seed=self.seed,
-                num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
-            )
-            loader = DataLoader(dataset, batch_sampler=sampler, **kwargs)
-        else:
-            generator = torch.Generator().manual_seed(self.seed)
-            loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
-                                generator=generator, **kwargs)
-        if len(loader) == 0:
-            sizes = {dataset.buckets[b]: len(m) for b, m in dataset.members.items()}
-            raise ValueError(f"no full batch of data.module.batch_size={self.batch_size} from {len(dataset)} images "
-                             f"(images per (H, W): {sizes}); lower the batch size, add images or turn buckets off")
-        return loader
+        # Groups by (H, W) rather than bucket index: the same batches, and errors name the shapes.
+        groups = [dataset.buckets[b] for b in dataset.bucket_ids] if self.buckets is not None else len(dataset)
+        sampler = batch_sampler(self.trainer, groups, self.batch_size, train=train, seed=self.seed)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def dataset(self, split: str) -> ImageCaptionDataset | None:
         """The ``"train"`` or ``"val"`` dataset (what a cache encodes), None if there is no such split."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion.data.resumable import EpochSampler
+from diffusion.data.batching import batch_sampler
 
 NUM_CLASSES = 10
 
@@ -71,24 +71,14 @@ class DigitsDataModule(L.LightningDataModule):
         self.setup()
         return _TensorImages(*self.splits[split])
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.dataset(split)
-        sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=self.seed)
-        if shuffle and self.trainer is not None:  # a resumed run continues its epoch at the next batch
-            # `processed`, not `completed`: checkpoints are written before Lightning completes the batch.
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            sampler.resume(self.trainer.current_epoch, done * self.batch_size)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        sampler = batch_sampler(self.trainer, len(dataset), self.batch_size, train=train, seed=self.seed)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", train=False)
