@@ -21,11 +21,13 @@ def drop_condition(
     null: Conditioning,
     p: float,
     generator: torch.Generator | None = None,
+    drop: Tensor | None = None,
 ) -> Conditioning:
     """Replace each sample's condition by `null` with probability `p`, independently per sample.
 
     `null` has batch size 1 (broadcast) or B. Its fields must match `cond`'s,
-    except that a missing mask on either side means "all tokens real".
+    except that a missing mask on either side means "all tokens real". `drop` (B,) bool, when
+    given, is the per-sample choice already drawn (True = null; training draws it per sample).
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"Condition dropout probability must lie in [0, 1], got {p}.")
@@ -40,8 +42,13 @@ def drop_condition(
         return cond
 
     device = next(t for _, t in cond.items()).device
-    rand_device = generator.device if generator is not None else device
-    drop = (torch.rand(batch, generator=generator, device=rand_device) < p).to(device)  # (B,) True = use null
+    if drop is None:
+        rand_device = generator.device if generator is not None else device
+        drop = torch.rand(batch, generator=generator, device=rand_device) < p  # (B,) True = use null
+    elif drop.shape != (batch,) or drop.dtype != torch.bool:
+        raise ValueError(f"Condition dropout: drop must be a bool tensor of shape ({batch},), got "
+                         f"{drop.dtype} {tuple(drop.shape)}.")
+    drop = drop.to(device)
 
     cond, null = _fill_masks(cond), _fill_masks(null)
     out: dict[str, Tensor | None] = {}

@@ -22,6 +22,7 @@ from diffusion.timesteps import TimeDistribution, Uniform
 from diffusion.training.checkpoint_io import check_state_fits
 from diffusion.training.ema import EMA
 from diffusion.training.lr import warmup_then_decay
+from diffusion.training.randomness import draw_step
 from diffusion.weighting import LossWeighting, NoWeighting
 
 
@@ -45,6 +46,9 @@ class OptimConfig:
     warmup_steps: int = 100
     decay: str = "constant"
     min_lr_ratio: float = 0.0
+
+
+VALIDATION_KEY = -1  # keys the validation noise apart from any training draw
 
 
 class DiffusionModule(L.LightningModule):
@@ -84,11 +88,13 @@ class DiffusionModule(L.LightningModule):
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.compile, self.compile_kwargs = compile, dict(compile_kwargs or {})
         self._sharded = False  # configure_model may be called again (e.g. when a run resumes)
-        # t, noise and condition dropout draw from this generator (seeded per rank, saved in every
-        # checkpoint), so a resumed run draws what an uninterrupted one would have.
+        # Each sample's t, noise and dropout coin are keyed to (seed, epoch, batch, its place in the
+        # global batch): the same on any number of processes and after a resume (randomness.py).
         self.seed = seed
-        self.generator: torch.Generator | None = None
-        self._restored_rng: Tensor | None = None  # applied once the generator exists on its device
+        self._generator: torch.Generator | None = None
+        # The finiteness of the last training loss, checked one step late (or before a checkpoint
+        # is written) so that the host never waits on the device: (is finite, loss, step).
+        self._last_loss: tuple[Tensor, Tensor, int] | None = None
         # Fixed times of the validation loss, mid-points of [0, 1] bins, so runs are comparable.
         self.register_buffer("val_t", (torch.arange(val_times) + 0.5) / val_times, persistent=False)
         self.run_config: dict[str, Any] | None = None  # the resolved config, written into every checkpoint
@@ -108,14 +114,6 @@ class DiffusionModule(L.LightningModule):
         images = batch["image"]
         return images if self.autoencoder is None else self.autoencoder.encode(images)
 
-    def _training_generator(self) -> torch.Generator:
-        if self.generator is None or self.generator.device != self.device:
-            self.generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
-            if self._restored_rng is not None:
-                self.generator.set_state(self._restored_rng)
-                self._restored_rng = None
-        return self.generator
-
     def configure_model(self) -> None:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp)
         if mesh is not None and not self._sharded:
@@ -130,19 +128,34 @@ class DiffusionModule(L.LightningModule):
 
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self._raise_if_last_loss_was_not_finite()
         x0 = self.latents(batch)
-        generator = self._training_generator()
+        if self._generator is None or self._generator.device != x0.device:
+            self._generator = torch.Generator(device=x0.device)
+        # This process's samples are the global_rank-th slice of the global batch (data.batching).
+        draws = draw_step(x0, self.objective.time_distribution, self.cond_dropout,
+                          key=(self.seed, self.current_epoch, batch_idx),
+                          first_position=self.global_rank * x0.shape[0], generator=self._generator)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
-                              generator=generator)
-        out = self.objective(partial(self.backbone, cond=cond), x0, generator=generator)
-        if not torch.isfinite(out.loss):
+                              drop=draws.drop)
+        out = self.objective(partial(self.backbone, cond=cond), x0, t=draws.t, noise=draws.noise)
+        loss = out.loss.detach()
+        self._last_loss = (torch.isfinite(loss), loss, self.global_step)
+        # The global batch's loss (the mean over processes), as one process would log it.
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        return out.loss
+
+    def _raise_if_last_loss_was_not_finite(self) -> None:
+        if self._last_loss is None:
+            return
+        finite, loss, step = self._last_loss
+        self._last_loss = None
+        if not finite:  # the host waits here only for a loss the device finished a step ago
             raise FloatingPointError(
-                f"non-finite training loss ({out.loss.item()}) at step {self.global_step}; training stops here and "
-                "the last checkpoint is left as it was. Lower optim.lr, raise warm-up, or clip gradients "
+                f"non-finite training loss ({loss.item()}) at step {step}; training stops here and the last "
+                "checkpoint is left as it was. Lower optim.lr, raise warm-up, or clip gradients "
                 "(trainer.gradient_clip_val)."
             )
-        self.log("train/loss", out.loss, prog_bar=True)
-        return out.loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -156,21 +169,26 @@ class DiffusionModule(L.LightningModule):
             self.log_samples()
 
     def on_train_end(self) -> None:
+        self._raise_if_last_loss_was_not_finite()
         self.log_samples()
 
     # --- validation: fixed times and fixed noise ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x0 = self.latents(batch)
         cond = self.conditioner(batch)
-        generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self._generator is None or self._generator.device != x0.device:
+            self._generator = torch.Generator(device=x0.device)
+        # Noise keyed to each sample's place in the global validation batch, not to the run's seed:
+        # the same for every run and every number of processes, so validation losses compare.
+        noise = draw_step(x0, self.objective.time_distribution, 0.0, key=(VALIDATION_KEY, batch_idx),
+                          first_position=self.global_rank * x0.shape[0], generator=self._generator).noise
         model = partial(self.ema.module, cond=cond)
         losses = []
         for t in self.val_t:
             out = self.objective(model, x0, t=t.expand(x0.shape[0]), noise=noise)
             losses.append(out.loss)
-            self.log(f"val/loss_t{t.item():.2f}", out.loss, batch_size=x0.shape[0])
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0])
+            self.log(f"val/loss_t{t.item():.2f}", out.loss, batch_size=x0.shape[0], sync_dist=True)
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
 
     # --- sampling -----------------------------------------------------------------------
     @torch.no_grad()
@@ -226,15 +244,12 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._raise_if_last_loss_was_not_finite()  # never write weights a non-finite loss has updated
         checkpoint["run_config"] = self.run_config
-        checkpoint["training_rng"] = self._training_generator().get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Called with the checkpoint Lightning has loaded, before it applies the weights.
         check_state_fits(self.state_dict(), checkpoint["state_dict"], "the checkpoint to resume from")
-        # Lightning restores before it moves the model to its device: keep the state until then.
-        if "training_rng" in checkpoint:
-            self._restored_rng, self.generator = checkpoint["training_rng"].cpu(), None
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         state = super().state_dict(*args, **kwargs)
