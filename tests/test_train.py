@@ -398,3 +398,29 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(strategy,
     for name, value in reference["state_dict"].items():
         torch.testing.assert_close(state["state_dict"][name], value, rtol=0, atol=1e-6, msg=name)  # measured: 3e-8
     assert cli.load_module(ckpt).sample(4, steps=2).shape == (4, 1, 8, 8)
+
+
+def test_two_process_ddp_resumes_exactly(train_config, tmp_path):
+    """Two DDP processes stopped at step 3 and resumed, in a new pair of processes, continue with the
+    losses of one uninterrupted process with the same global batch (itself equal to an uninterrupted
+    pair, above): the data position and the draws do not depend on the world size either."""
+    common = ["global_batch_size=32", "trainer.max_steps=6", "trainer.val_check_interval=1000",
+              "callbacks.checkpoint.every_n_train_steps=1"]
+    cli.train(train_config(*common, run_dir=tmp_path / "straight"))
+    fast = __import__("tests.conftest", fromlist=["FAST"]).FAST
+    ddp = [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           *fast, *common]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run([*ddp, "+callbacks.stop._target_=tests.conftest.StopAtStep", "+callbacks.stop.step=3",
+                            f"hydra.run.dir={tmp_path / 'first'}"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    resumed = subprocess.run([*ddp, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, after = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(after) == [3, 4, 5]  # steps 4..6 (logged 0-based)
+    for step, loss in after.items():
+        assert loss == pytest.approx(straight[step], rel=1e-6, abs=0), step
