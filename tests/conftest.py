@@ -65,3 +65,17 @@ class StopAtStep:
                     trainer.should_stop = True
 
         return _Stop()
+
+
+class PoisonBatch:
+    """A callback that turns one process's batch into NaNs at one step: a fault on one rank only."""
+
+    def __new__(cls, rank: int, step: int):
+        import lightning as L
+
+        class _Poison(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_rank == rank and trainer.global_step == step:
+                    batch["image"].fill_(float("nan"))
+
+        return _Poison()

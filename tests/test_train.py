@@ -424,3 +424,21 @@ def test_two_process_ddp_resumes_exactly(train_config, tmp_path):
     assert sorted(after) == [3, 4, 5]  # steps 4..6 (logged 0-based)
     for step, loss in after.items():
         assert loss == pytest.approx(straight[step], rel=1e-6, abs=0), step
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
+    """The finiteness check reads the loss averaged over processes, so a NaN on rank 1 alone stops both
+    ranks together (no rank is left waiting in a collective) and before the step's checkpoint: the
+    gradients were averaged, so rank 0's weights are NaN too, though its own loss was finite."""
+    fast = __import__("tests.conftest", fromlist=["FAST"]).FAST
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           *fast, "trainer.max_steps=6", "trainer.val_check_interval=1000",
+           "+callbacks.poison._target_=tests.conftest.PoisonBatch", "+callbacks.poison.rank=1",
+           "+callbacks.poison.step=3", f"hydra.run.dir={tmp_path / 'run'}"]  # step 4: a checkpointed one
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0 and "non-finite training loss" in result.stderr, result.stderr[-3000:]
+    for path in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):  # last.ckpt and step_*.ckpt
+        kept = torch.load(path, weights_only=True)
+        assert kept["global_step"] == 2, path.name
+        assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point()), path.name

@@ -22,7 +22,7 @@ from diffusion.timesteps import TimeDistribution, Uniform
 from diffusion.training.checkpoint_io import check_state_fits
 from diffusion.training.ema import EMA
 from diffusion.training.lr import warmup_then_decay
-from diffusion.training.randomness import draw_step
+from diffusion.training.randomness import StepDraws, draw_step
 from diffusion.weighting import LossWeighting, NoWeighting
 
 
@@ -130,20 +130,32 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._raise_if_last_loss_was_not_finite()
         x0 = self.latents(batch)
-        if self._generator is None or self._generator.device != x0.device:
-            self._generator = torch.Generator(device=x0.device)
-        # This process's samples are the global_rank-th slice of the global batch (data.batching).
-        draws = draw_step(x0, self.objective.time_distribution, self.cond_dropout,
-                          key=(self.seed, self.current_epoch, batch_idx),
-                          first_position=self.global_rank * x0.shape[0], generator=self._generator)
+        draws = self._draws(x0, key=(self.seed, self.current_epoch, batch_idx), drop_probability=self.cond_dropout)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
                               drop=draws.drop)
         out = self.objective(partial(self.backbone, cond=cond), x0, t=draws.t, noise=draws.noise)
-        loss = out.loss.detach()
+        # The global batch's loss: logged as one process would, and non-finite on every process if on one.
+        loss = self._mean_over_processes(out.loss.detach())
         self._last_loss = (torch.isfinite(loss), loss, self.global_step)
-        # The global batch's loss (the mean over processes), as one process would log it.
-        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True)
         return out.loss
+
+    def _mean_over_processes(self, value: Tensor) -> Tensor:
+        """One all-reduce, which the host does not wait on (Lightning's reduce adds a barrier)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self._trainer is None or self.trainer.world_size == 1 or not distributed:
+            return value
+        total = value.clone()
+        torch.distributed.all_reduce(total)  # a sum: gloo has no average
+        return total / self.trainer.world_size
+
+    def _draws(self, x0: Tensor, key: tuple[int, ...], drop_probability: float) -> StepDraws:
+        """t, noise and dropout coins of this process's samples: the global_rank-th slice of the global
+        batch (diffusion.data.batching), each keyed to its place in it (randomness.py)."""
+        if self._generator is None or self._generator.device != x0.device:
+            self._generator = torch.Generator(device=x0.device)
+        return draw_step(x0, self.objective.time_distribution, drop_probability, key=key,
+                         first_position=self.global_rank * x0.shape[0], generator=self._generator)
 
     def _raise_if_last_loss_was_not_finite(self) -> None:
         if self._last_loss is None:
@@ -176,12 +188,9 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x0 = self.latents(batch)
         cond = self.conditioner(batch)
-        if self._generator is None or self._generator.device != x0.device:
-            self._generator = torch.Generator(device=x0.device)
         # Noise keyed to each sample's place in the global validation batch, not to the run's seed:
         # the same for every run and every number of processes, so validation losses compare.
-        noise = draw_step(x0, self.objective.time_distribution, 0.0, key=(VALIDATION_KEY, batch_idx),
-                          first_position=self.global_rank * x0.shape[0], generator=self._generator).noise
+        noise = self._draws(x0, key=(VALIDATION_KEY, batch_idx), drop_probability=0.0).noise
         model = partial(self.ema.module, cond=cond)
         losses = []
         for t in self.val_t:
