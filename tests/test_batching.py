@@ -189,3 +189,19 @@ def test_digits_batches_of_two_ranks_make_the_batches_of_one_process():
     assert all(torch.equal(one, torch.cat(pair)) for one, pair in zip(single, zip(*ranks)))
     val = [[b["label"] for b in loader(2, r, 32, train=False)] for r in range(2)]
     assert len(val[0]) == len(val[1]) and sum(len(b) for r in val for b in r) >= 360
+
+
+def test_a_training_loader_not_split_over_processes_is_refused():
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from diffusion.data.batching import check_split_over_processes
+
+    data = list(range(20))
+    plain = DataLoader(data, batch_size=4, shuffle=True)
+    check_split_over_processes(plain, world_size=1)
+    with pytest.raises(ValueError, match=r"not split over the 2 processes.*use_distributed_sampler=true"):
+        check_split_over_processes(plain, world_size=2)
+    with pytest.raises(ValueError, match="not split over the 4 processes"):  # split for another world size
+        check_split_over_processes(DataLoader(data, batch_sampler=GlobalBatchSampler(20, 2, num_replicas=2)), 4)
+    check_split_over_processes(DataLoader(data, batch_sampler=GlobalBatchSampler(20, 2, num_replicas=2, rank=1)), 2)
+    check_split_over_processes(DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0)), 2)

@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 if TYPE_CHECKING:
     import lightning as L
@@ -159,3 +159,23 @@ def _no_batch_message(sampler: GlobalBatchSampler) -> str:
         where = ""
     return (f"no full batch of {needed} = {sampler.global_batch_size} samples from {sampler.num_samples} "
             f"samples{where}; lower the batch size or the number of processes, or add data")
+
+
+def check_split_over_processes(loader: object, world_size: int) -> None:
+    """Refuse a training loader that would give every process the same samples.
+
+    Lightning's sampler injection is off in our trainer configs (the data modules split batches
+    themselves), so a data module of one's own must do the same, or turn the injection back on.
+    """
+    if world_size == 1:
+        return
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, GlobalBatchSampler) and sampler.num_replicas == world_size:
+        return
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        return
+    raise ValueError(
+        f"the training data loader is not split over the {world_size} processes, so each would train on the same "
+        "samples: build its batch_sampler with diffusion.data.batching.batch_sampler(self.trainer, ...) (as the "
+        "project's data modules do), or set trainer.use_distributed_sampler=true to let Lightning split it"
+    )

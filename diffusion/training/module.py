@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.conditioning import Conditioner, Unconditional, drop_condition
+from diffusion.data.batching import check_split_over_processes
 from diffusion.images import to_grid, write_png
 from diffusion.objective import DiffusionObjective
 from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
@@ -127,6 +128,9 @@ class DiffusionModule(L.LightningModule):
             self.backbone.compile(**self.compile_kwargs)
 
     # --- training -----------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        check_split_over_processes(self.trainer.train_dataloader, self.trainer.world_size)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._raise_if_last_loss_was_not_finite()
         x0 = self.latents(batch)
