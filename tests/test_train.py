@@ -3,6 +3,7 @@ trains, a run resumes, a checkpoint samples, and bad input stops with a clear me
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -442,3 +443,14 @@ def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
         kept = torch.load(path, weights_only=True)
         assert kept["global_step"] == 2, path.name
         assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point()), path.name
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_trains_with_float32_weights(precision, train_config, tmp_path):
+    """Autocast runs the backbone in half precision; weights, optimiser state and EMA stay float32."""
+    cli.train(train_config(f"trainer.precision={precision}"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    floats = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats)
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [0, 1, 2, 3] and all(map(math.isfinite, losses.values()))
