@@ -29,10 +29,13 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = list(self.module.parameters())
-        # Under FSDP the model's parameters are shards (DTensors); the average is kept whole.
-        params = [_whole(p).detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        if hasattr(self.module, "reshard") and not all(hasattr(e, "to_local") for e in self.module.parameters()):
+            # An FSDP2 copy whose parameters are gathered: an update would go to a temporary buffer.
+            raise RuntimeError("the sharded EMA copy holds gathered parameters; shard it with "
+                               "fully_shard_by_block(..., forward_only=True) so that they are resharded after forward")
+        pairs = [_alike(e, p) for e, p in zip(self.module.parameters(), model.parameters())]
+        ema_params = [e for e, _ in pairs]
+        torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in pairs], 1.0 - decay)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(_whole(buffer))
         self.num_updates += 1
@@ -41,6 +44,17 @@ class EMA(nn.Module):
         super().train(mode)
         self.module.eval()  # the average is never trained; it stays in eval mode
         return self
+
+
+def _alike(ema: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EMA tensor and the parameter in one layout: the local shards when both are sharded
+    alike (FSDP2 DTensors: no communication), else the parameter's full value."""
+    if hasattr(ema, "to_local"):
+        if getattr(param, "placements", None) != ema.placements:
+            raise ValueError(f"the EMA is sharded as {ema.placements} but the model as "
+                             f"{getattr(param, 'placements', 'unsharded')}; shard both alike")
+        return ema.to_local(), param.to_local()
+    return ema, _whole(param)
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -120,9 +120,11 @@ class DiffusionModule(L.LightningModule):
         if mesh is not None and not self._sharded:
             from diffusion.training.sharding import fully_shard_by_block
 
-            # The EMA copy stays whole on every process (updated from gathered shards), so
-            # validation and sampling run it as in a single process; it costs one full copy.
+            # The EMA copy is sharded like the backbone: each process averages its own shards, with
+            # no communication and 1/world of the memory; validation and sampling gather its blocks
+            # on every process together, as training does.
             fully_shard_by_block(self.backbone, mesh["data_parallel"])
+            fully_shard_by_block(self.ema.module, mesh["data_parallel"], forward_only=True)
             self._sharded = True
         if self.compile:  # in place: parameter names, and so checkpoints, stay those of the eager model
             self.backbone.compile(**self.compile_kwargs)
@@ -235,7 +237,13 @@ class DiffusionModule(L.LightningModule):
         loggers that take images (Weights & Biases, TensorBoard)."""
         if self.image_shape is None or self._trainer is None:
             return None
+        # Process 0 samples alone, unless the EMA is sharded: then all sample together (each
+        # forward gathers the blocks' shards) and process 0 writes.
+        if not (self.trainer.is_global_zero or self._sharded):
+            return None
         images = self.sample(self.sampling.num_images, generator=torch.Generator(device=self.device).manual_seed(0))
+        if not self.trainer.is_global_zero:
+            return None
         grid = to_grid(images, nrow=self.num_classes)  # (H, W, C) uint8
         path = write_png(grid, Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png")
         for logger in self.loggers:

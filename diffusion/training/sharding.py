@@ -13,13 +13,17 @@ def shard_units(backbone: nn.Module) -> list[nn.Module]:
     return [m for m in reversed(list(backbone.modules())) if isinstance(m, types)]
 
 
-def fully_shard_by_block(backbone: nn.Module, mesh) -> nn.Module:
-    """FSDP2: each block its own unit (gathered only while it runs), then the rest of the backbone."""
+def fully_shard_by_block(backbone: nn.Module, mesh, *, forward_only: bool = False) -> nn.Module:
+    """FSDP2: each block its own unit (gathered only while it runs), then the rest of the backbone.
+
+    The root's parameters stay gathered after forward, for the backward that follows, unless
+    ``forward_only`` (a copy that never runs backward, like the EMA): then they are sharded again,
+    so that its parameters are always its shards."""
     from torch.distributed.fsdp import fully_shard
 
     for block in shard_units(backbone):
         fully_shard(block, mesh=mesh)
-    fully_shard(backbone, mesh=mesh)
+    fully_shard(backbone, mesh=mesh, reshard_after_forward=True if forward_only else None)
     return backbone
 
 
