@@ -182,7 +182,10 @@ class DiT(nn.Module):
         with autocast_context(self.bf16_autocast, x):
             # Positions in the parameters' dtype: under autocast the residual stream stays float32.
             pos = sincos_pos_embed_2d(self.hidden_size, height, width, x.device).to(self.x_embedder.proj.weight.dtype)
-            h = self.x_embedder(x) + pos  # (B, N, D)
+            # The patch embedding is a transposed view of the convolution's output; made contiguous
+            # once here, or every later op (layer norms, residual adds) would inherit that layout and
+            # copy to and from it, in forward and backward.
+            h = self.x_embedder(x).contiguous() + pos  # (B, N, D)
             c = self.t_embedder(t)  # (B, D)
             if self.y_embedder is not None:
                 c = c + self.y_embedder(cond.labels)

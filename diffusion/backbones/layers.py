@@ -90,8 +90,8 @@ class Attention(nn.Module):
         if self.is_cross:
             q = rearrange(self.q(x), "b n (h d) -> b h n d", h=h)
             k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=h)
-        else:
-            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)
+        else:  # unbound on the (B, N, 3, H, d) layout: the backward stacks the gradients straight into it
+            q, k, v = (part.transpose(1, 2) for part in self.qkv(x).unflatten(-1, (3, h, -1)).unbind(2))
         attn_mask = None
         if mask is not None:
             # A sample with no real token would give softmax over nothing (NaN): let it attend to
