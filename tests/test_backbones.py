@@ -346,3 +346,15 @@ def test_bad_time() -> None:
         model(x, torch.tensor(0.5))
     with pytest.raises(ValueError, match=r"float tensor\), got dtype torch.int64"):
         model(x, torch.tensor([1, 999]))
+
+
+def test_dit_blocks_see_a_contiguous_residual_stream() -> None:
+    """The patch embedding is a transposed view of a convolution; left so, every layer norm and
+    residual add would copy to and from that layout (a measured ~3 % of a DiT-S/2 step on CPUs)."""
+    model = tiny_dit(num_classes=10)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    x, t = inputs(2, 4, 8, 8)
+    model(x, t, Conditioning(labels=torch.tensor([1, 2])))
+    assert seen and all(seen)
