@@ -358,3 +358,21 @@ def test_dit_blocks_see_a_contiguous_residual_stream() -> None:
     x, t = inputs(2, 4, 8, 8)
     model(x, t, Conditioning(labels=torch.tensor([1, 2])))
     assert seen and all(seen)
+
+
+def test_unet_channels_last_changes_only_the_memory_layout() -> None:
+    """The channels-last layout inside (faster convolutions) gives the same output and gradients,
+    returned in the usual layout."""
+    torch.manual_seed(0)
+    fast = randomize_(tiny_unet(token_dim=16, pooled_dim=8, channels_last=True))
+    plain = tiny_unet(token_dim=16, pooled_dim=8, channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    x, t = inputs(2, 4, 16, 16)
+    cond = text_cond(2)
+    out_fast, out_plain = fast(x, t, cond), plain(x, t, cond)
+    assert out_fast.is_contiguous()
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    out_fast.square().mean().backward()
+    out_plain.square().mean().backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -157,6 +157,10 @@ class UNet(nn.Module):
     indices (0 = full resolution) with attention, which is self-attention, or a spatial
     transformer with cross-attention when `token_dim` is set. H and W must be divisible
     by 2 ** (len(channel_mult) - 1).
+
+    `channels_last` runs the network in the (B, H, W, C) memory layout, which oneDNN (CPUs) and
+    cuDNN (GPUs) convolve faster, and in which attention's (B, H * W, C) tokens are free views;
+    the output is returned in the usual layout.
     """
 
     block_types = (ResBlock, AttentionBlock, SpatialTransformer)  # the units of FSDP sharding
@@ -179,6 +183,7 @@ class UNet(nn.Module):
         time_scale: float = TIME_SCALE,
         gradient_checkpointing: bool = False,
         bf16_autocast: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         channel_mult, attention_levels = tuple(channel_mult), tuple(attention_levels)
@@ -196,6 +201,7 @@ class UNet(nn.Module):
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         self.gradient_checkpointing = gradient_checkpointing
         self.bf16_autocast = bf16_autocast
+        self.channels_last = channels_last
 
         emb_dim = 4 * model_channels  # ADM's time-embedding width
         self.time_embed = TimestepEmbedder(emb_dim, frequency_dim=model_channels, scale=time_scale)
@@ -261,7 +267,7 @@ class UNet(nn.Module):
                 emb = emb + self.label_embed(cond.labels)
             if self.pooled_embed is not None:
                 emb = emb + self.pooled_embed(cond.pooled)
-            h = self.conv_in(x)
+            h = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
             skips = [h]
             for layer in self.down:
                 h = self._run(layer, h, emb, tokens, mask)
@@ -273,4 +279,4 @@ class UNet(nn.Module):
                     h = torch.cat([h, skips.pop()], dim=1)
                 h = self._run(layer, h, emb, tokens, mask)
             out = self.out(h)
-        return out.to(x.dtype)
+        return out.to(x.dtype).contiguous()
