@@ -12,7 +12,8 @@ class EMA(nn.Module):
     """``ema = decay_n * ema + (1 - decay_n) * weights`` after each optimiser step, with the
     warm-up ``decay_n = min(decay, (1 + n) / (10 + n))`` (TensorFlow's ExponentialMovingAverage
     with num_updates, as in latent diffusion's LitEma): early averages forget the random
-    initialisation quickly. The averaged copy and ``n`` are saved with the module's state."""
+    initialisation quickly. The averaged copy and ``n`` are saved with the module's state.
+    Under FSDP2 the copy is sharded like the model, and each process averages its own shards."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         super().__init__()
