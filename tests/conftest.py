@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
 
 # A few steps of a tiny run; every test that trains starts from these.
 FAST = [
@@ -27,6 +32,20 @@ FAST = [
     "data.module.batch_size=16",
     "backbone=dit_tiny",
 ]
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python ROOT/script args...`` in ``cwd`` with the project importable, output captured."""
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def logged_losses(run: Path) -> dict[int, float]:
+    """``{step: train/loss}`` from a run directory's CSV log."""
+    with open(run / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig:

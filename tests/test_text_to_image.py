@@ -9,7 +9,7 @@ from torch.utils.data import default_collate
 
 from diffusion import cli
 from diffusion.data.cache import CachedDataset
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_script
 from tests.make_captioned_folder import make_captioned_folder
 
 
@@ -81,19 +81,12 @@ def test_aspect_ratio_buckets_train_on_the_fly_and_from_the_cache(train_config, 
 def test_an_fsdp2_checkpoint_of_a_latent_text_model_leaves_out_the_encoders_and_samples_in_one_process(tmp_path):
     """Two FSDP2 processes shard the backbone only; the frozen VAE and text encoder stay out of the
     checkpoint, which one process rebuilds from its config and samples from with prompts."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root_dir = Path(__file__).resolve().parents[1]
     overrides = [o for o in _overrides(tmp_path) if not o.startswith(("cache_dir", "data.module.batch_size"))]
-    cmd = [sys.executable, str(root_dir / "train.py"), "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-           *overrides, "data.module.batch_size=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
-           "trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_train_steps=2", "model.sampling.steps=2",
-           "model.sampling.num_images=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(root_dir)})
+    result = run_script("train.py", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides,
+                        "data.module.batch_size=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                        "trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_train_steps=2",
+                        "model.sampling.steps=2", "model.sampling.num_images=2", "trainer.enable_progress_bar=false",
+                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["state_dict"]

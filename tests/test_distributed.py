@@ -1,0 +1,173 @@
+"""Several processes, nodes and SLURM on the CPU (gloo): DDP and FSDP2 train as one process with the
+same global batch, resume exactly, stop together; two nodes over loopback; a simulated SLURM job
+saves on its signal, requeues and resumes; bad input to the scale-out settings is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffusion import cli
+from tests.conftest import CONF, FAST, ROOT, logged_losses, run_script
+
+
+def test_global_batch_size_is_split_over_processes_and_accumulation(train_config, tmp_path):
+    assert cli.per_device_batch_size(64, 4, 2) == 8
+    with pytest.raises(ValueError, match=r"global_batch_size=30 is not divisible by world size 4 x accumulate_grad_batches 2"):
+        cli.per_device_batch_size(30, 4, 2)
+    cli.train(train_config("global_batch_size=24", "trainer.accumulate_grad_batches=2"))  # 12 a batch
+
+
+def test_an_unknown_strategy_name_is_refused(train_config):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=r"invalid strategy name: `strategy='fsdq'`.*Example choices"):
+        cli.train(train_config("+trainer.strategy=fsdq"))
+
+
+@pytest.mark.parametrize("signum", ["SIGUSR1", "SIGTERM"])
+def test_a_simulated_slurm_job_saves_on_a_signal_requeues_and_resumes_in_the_same_directory(signum, tmp_path):
+    """SIGUSR1: SLURM's warning before the time limit; SIGTERM: preemption."""
+    import os
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+           "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NNODES": "1",
+           "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1"}
+    fast = [o for o in FAST if not o.startswith("trainer.max_steps")]
+    cmd = [sys.executable, str(ROOT / "train.py"), *fast, "trainer.max_steps=100000", "trainer.val_check_interval=1000"]
+    run = tmp_path / "outputs" / "4242"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((run / "checkpoints").glob("step_*.ckpt")) and time.time() < deadline:  # training is under way
+        time.sleep(0.2)
+    os.kill(proc.pid, getattr(signal, signum))
+    while not list(run.glob("hpc_ckpt_*.ckpt")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the requeue call finish
+    proc.kill()  # SLURM ends the job (after SIGTERM, the run has already stopped by itself)
+    proc.wait()
+    saved = sorted(run.glob("hpc_ckpt_*.ckpt"))
+    assert saved, f"no checkpoint saved on {signum}"
+    assert "requeue 4242" in (tmp_path / "requeued").read_text()
+    step = torch.load(saved[-1], weights_only=True)["global_step"]
+
+    # The requeued job: same job id, same command; it resumes from the checkpoint in outputs/4242.
+    target = step + 3 + (step + 3) % 2  # checkpoints are written every 2 steps
+    again = subprocess.run([*cmd[:-2], f"trainer.max_steps={target}", "trainer.val_check_interval=1000"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"hpc_ckpt_{len(saved)}.ckpt" in (run / "train.log").read_text()  # restored from it
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == target
+
+
+def test_two_processes_launched_as_two_nodes_over_loopback_train_together(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    procs = []
+    for node in (0, 1):
+        env = {**base, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "NODE_RANK": str(node)}
+        cmd = [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1",
+               "trainer.num_nodes=2", *FAST, f"hydra.run.dir={tmp_path / f'node{node}'}"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert torch.load(tmp_path / "node0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert "world_size=2" in errors[0] or "GLOBAL_RANK: 0, MEMBER: 1/2" in errors[0] + (tmp_path / "node0" / "train.log").read_text()
+
+
+def test_the_slurm_launcher_config_composes_with_its_options(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=4", "hydra.launcher.gpus_per_node=4",
+                                          "hydra.launcher.partition=gpu", "hydra.launcher.account=lab",
+                                          "hydra.launcher.timeout_min=60"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (4, 4, 4)
+    assert (launcher.partition, launcher.account, launcher.timeout_min) == ("gpu", "lab", 60)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_as_one_process_with_the_same_global_batch(strategy, train_config, tmp_path):
+    """DDP and FSDP2 over two CPU processes (gloo), batch 16 each, against one process with batch 32.
+
+    The data modules give each process its half of the same global batch, and each sample's t, noise
+    and dropout are keyed to its place in that batch, so the two runs compute the same gradients: the
+    logged loss (the mean over processes) and the final weights agree to float32 rounding (all-reduce
+    order, a mean of means). The multi-process checkpoint then samples in one process.
+    """
+    cli.train(train_config("global_batch_size=32", run_dir=tmp_path / "single"))
+    result = run_script("train.py", f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2", *FAST,
+                        "global_batch_size=32", f"hydra.run.dir={tmp_path / strategy}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    single, multi = logged_losses(tmp_path / "single"), logged_losses(tmp_path / strategy)
+    assert sorted(multi) == sorted(single) == [0, 1, 2, 3]
+    for step, loss in single.items():
+        assert multi[step] == pytest.approx(loss, rel=1e-6, abs=0), step  # measured: <= 1e-7
+    ckpt = tmp_path / strategy / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    reference = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == reference["global_step"] == 4
+    assert state["state_dict"].keys() == reference["state_dict"].keys()
+    for name, value in reference["state_dict"].items():
+        torch.testing.assert_close(state["state_dict"][name], value, rtol=0, atol=1e-6, msg=name)  # measured: 3e-8
+    assert cli.load_module(ckpt).sample(4, steps=2).shape == (4, 1, 8, 8)
+
+
+def test_two_process_ddp_resumes_exactly(train_config, tmp_path):
+    """Two DDP processes stopped at step 3 and resumed, in a new pair of processes, continue with the
+    losses of one uninterrupted process with the same global batch (itself equal to an uninterrupted
+    pair, above): the data position and the draws do not depend on the world size either."""
+    common = ["global_batch_size=32", "trainer.max_steps=6", "trainer.val_check_interval=1000",
+              "callbacks.checkpoint.every_n_train_steps=1"]
+    cli.train(train_config(*common, run_dir=tmp_path / "straight"))
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *FAST, *common]
+    first = run_script("train.py", *ddp, "+callbacks.stop._target_=tests.conftest.StopAtStep", "+callbacks.stop.step=3",
+                       f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    resumed = run_script("train.py", *ddp, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, after = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "resumed")
+    assert sorted(after) == [3, 4, 5]  # steps 4..6 (logged 0-based)
+    for step, loss in after.items():
+        assert loss == pytest.approx(straight[step], rel=1e-6, abs=0), step
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
+    """The finiteness check reads the loss averaged over processes, so a NaN on rank 1 alone stops both
+    ranks together (no rank is left waiting in a collective) and before the step's checkpoint: the
+    gradients were averaged, so rank 0's weights are NaN too, though its own loss was finite."""
+    result = run_script("train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *FAST,
+                        "trainer.max_steps=6", "trainer.val_check_interval=1000",
+                        "+callbacks.poison._target_=tests.conftest.PoisonBatch", "+callbacks.poison.rank=1",
+                        "+callbacks.poison.step=3", f"hydra.run.dir={tmp_path / 'run'}",  # step 4: a checkpointed one
+                        cwd=tmp_path, timeout=300)
+    assert result.returncode != 0 and "non-finite training loss" in result.stderr, result.stderr[-3000:]
+    for path in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):  # last.ckpt and step_*.ckpt
+        kept = torch.load(path, weights_only=True)
+        assert kept["global_step"] == 2, path.name
+        assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point()), path.name
