@@ -4,6 +4,10 @@ Then train from it: python train.py [the same overrides] cache_dir=PATH."""
 import hydra
 from omegaconf import DictConfig
 
+from diffusion.runs import register_resolvers
+
+register_resolvers()  # ${run_dir:...} in conf/train.yaml: ckpt_path=last continues the newest run in place
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:

@@ -11,34 +11,44 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from diffusion.data.cache import CachedDataModule, write_cache
 from diffusion.images import save_grid
-from diffusion.training.checkpoint_io import check_state_fits
+from diffusion.loggers import resume_at
+from diffusion.runs import newest_checkpoint, newest_run, resume_checkpoint, run_of, write_launch_record
 from diffusion.training.module import DiffusionModule
 
 # The EMA copy is kept in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
-def find_latest_checkpoint(root: str | Path = "outputs") -> Path:
-    """The newest ``last.ckpt`` under ``root`` (runs of train.py and its multiruns)."""
-    candidates = [p for base in (Path(root), Path("multirun")) if base.exists() for p in base.glob("**/checkpoints/last.ckpt")]
-    if not candidates:
-        raise FileNotFoundError(f"no checkpoints/last.ckpt under {Path(root).resolve()} or multirun/; pass ckpt=PATH")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint of this project's train.py, read safely (``weights_only``) and memory-mapped, so
+    that checking it reads no weights; anything else is refused with what it is not."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not checkpoints
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a checkpoint of this project (torch.load: {reason}); pass a .ckpt file "
+                         "written by train.py") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or checkpoint.get("run_config") is None:
+        raise ValueError(f"{path} is not a checkpoint of this project: it carries no state_dict and run_config "
+                         "(written by another program?); pass a .ckpt file written by train.py")
+    return checkpoint
 
 
-def _resolve_checkpoint(path: str | Path | None) -> Path | None:
-    if path is None:
-        return None
-    path = find_latest_checkpoint() if str(path) == "last" else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an existing file or 'last'")
-    return path
+def checkpoint_to_sample(path: str | Path | None) -> Path:
+    """``path``, or with None / "last" the newest checkpoint of the newest run under outputs/."""
+    if path is None or str(path) == "last":
+        return newest_checkpoint(newest_run())
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an existing file, or leave ckpt out for "
+                                "the newest run's")
+    return Path(path)
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
@@ -67,28 +77,62 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    # Hydra's root handler prints to the console and the run's train.log; Lightning's own
-    # handler would print every message a second time.
+    """Train, or resume (see diffusion.runs for which checkpoint and directory). Everything that can
+    be refused is checked before the run directory is written to, so a command that fails leaves
+    it as it was."""
+    # Hydra's root handler prints to the console; Lightning's own would print every message again.
     logging.getLogger("lightning.pytorch").handlers.clear()
+    run = Path(cfg.trainer.default_root_dir)
+    ckpt_path = resume_checkpoint(cfg.ckpt_path, run)
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    datamodule = None if cfg.get("cache_dir") else instantiate(cfg.data.module)  # a missing folder: refused here
     model = build_module(cfg)
     model.run_config = resolved
-    if cfg.get("cache_dir"):  # read the shards instead of running the encoders
+    if datamodule is None:  # read the shards instead of running the encoders
         datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model), seed=cfg.seed)
-    else:
-        datamodule = instantiate(cfg.data.module)
-    loggers = [instantiate(c) for c in cfg.logger.values()]
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks)  # loggers: once all is checked
     if cfg.get("global_batch_size"):
         datamodule.batch_size = per_device_batch_size(cfg.global_batch_size, trainer.world_size,
                                                       trainer.accumulate_grad_batches)
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
-    ckpt_path = _resolve_checkpoint(cfg.ckpt_path)  # a checkpoint of another model: DiffusionModule.on_load_checkpoint
-    trainer.fit(model, datamodule, ckpt_path=ckpt_path)
+    model.optim.lr_multiplier(trainer.max_steps)  # a decaying rate without max_steps is refused here
+    step = 0
+    if ckpt_path is not None:  # another model's checkpoint, or other frozen encoders: refused here
+        checkpoint = read_checkpoint(ckpt_path)
+        model.check_checkpoint(checkpoint, f"checkpoint {ckpt_path}")
+        step = int(checkpoint["global_step"])
+        del checkpoint
+
+    # From here on the run directory is written to.
+    if trainer.is_global_zero:
+        write_launch_record(run, resolved, _task_overrides(), ckpt_path, step)
+    file_log = _log_to_file(run / "train.log")
+    try:
+        loggers = [instantiate(c) for c in cfg.logger.values()]
+        if ckpt_path is not None:
+            resume_at(loggers, step)  # the logs continue at the checkpoint's step
+        trainer.loggers = loggers
+        for logger in loggers:
+            logger.log_hyperparams(resolved)
+        trainer.fit(model, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _task_overrides() -> list[str]:
+    """The command line's overrides of this run (empty outside Hydra)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """The run's train.log, appended to (a resumed run continues it), as Hydra's job log writes it."""
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: int = 1) -> int:
@@ -134,40 +178,42 @@ def cache(cfg: DictConfig) -> Path:
 
 def load_module(path: str | Path) -> DiffusionModule:
     """Rebuild the module a checkpoint was trained with (from the config it carries) and load
-    its weights; a checkpoint of another model fails with the differing names."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    config = checkpoint.get("run_config")
-    if config is None:
-        raise ValueError(f"{path} carries no run_config: it was not written by this project's train.py")
+    its weights; a checkpoint of another model, or of other frozen encoders, is refused."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint["run_config"]
     model = build_module(OmegaConf.create(config))
     model.run_config = config
-    # Without the frozen parts (see DiffusionModule.FROZEN), as checkpoints hold them.
-    check_state_fits(model.state_dict(), checkpoint["state_dict"], f"checkpoint {path}")
+    model.check_checkpoint(checkpoint, f"checkpoint {path}")
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
 
 def sample(cfg: DictConfig) -> Path:
-    path = _resolve_checkpoint(cfg.ckpt or "last")
-    model = load_module(path)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.num < 1:
+        raise ValueError(f"num={cfg.num}: the number of images to sample must be >= 1")
     if cfg.labels is not None and cfg.get("prompts") is not None:
         raise ValueError("give labels= or prompts=, not both")
-    asked = cfg.labels if cfg.labels is not None else cfg.get("prompts")
-    condition = None
-    if asked is not None:  # repeated to num
-        asked = list(asked)
-        condition = (asked * ((cfg.num + len(asked) - 1) // len(asked)))[: cfg.num]
+    path = checkpoint_to_sample(cfg.ckpt)
+    model = load_module(path)
+    given = "labels" if cfg.labels is not None else "prompts" if cfg.get("prompts") is not None else None
+    takes = model.conditioner.takes
+    if given is not None and given != takes:
+        what = {"labels": f"class labels 0..{(model.num_classes or 1) - 1}", "prompts": "text prompts"}.get(takes)
+        raise ValueError(f"{path} is a model conditioned on {what or 'nothing (unconditional)'}, so {given}= does not "
+                         f"apply; " + (f"sample it with {takes}=[...]" if takes else f"leave {given}= out"))
+    asked = list(cfg.labels if given == "labels" else cfg.prompts) if given else None
+    condition = None if asked is None else (asked * ((cfg.num + len(asked) - 1) // len(asked)))[: cfg.num]  # repeated to num
     chosen = cfg.get("sampler") or {}  # the sampler group, if one was picked on the command line
     sampler = chosen.get("name") or model.sampling.sampler
     steps = cfg.steps or chosen.get("steps") or model.sampling.steps
-    cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else chosen.get("cfg_scale")
+    cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else model.sampling.cfg_scale  # the run's guidance
+    generator = torch.Generator().manual_seed(cfg.seed)
     images = model.sample(cfg.num, condition, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                           generator=generator, progress=cfg.progress)
-    out = Path(cfg.out) if cfg.out else path.parent.parent / "samples" / f"sample_{sampler}_{steps}.png"
-    save_grid(images, out, nrow=model.num_classes)
+    out = Path(cfg.out) if cfg.out else run_of(path) / "samples" / f"sample_{sampler}_{steps}.png"
+    save_grid(images, out, nrow=len(asked) if given == "prompts" else model.num_classes)
     np.savez(out.with_suffix(".npz"), images=images.numpy(), condition=np.asarray(condition if condition is not None else []))
-    print(f"wrote {out} and {out.with_suffix('.npz')}")
+    print(f"wrote {out} and {out.with_suffix('.npz')} (sampler {sampler}, {steps} steps, cfg_scale {cfg_scale})")
     return out
 
 
@@ -176,9 +222,9 @@ def export(cfg: DictConfig) -> Path:
     that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``)."""
     from safetensors.torch import save_file
 
-    path = _resolve_checkpoint(cfg.ckpt or "last")
+    path = checkpoint_to_sample(cfg.ckpt)
     model = load_module(path)
-    out = Path(cfg.out) if cfg.out else path.parent.parent / "export"
+    out = Path(cfg.out) if cfg.out else run_of(path) / "export"
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.contiguous() for k, v in model.ema.module.state_dict().items()}
     save_file(weights, out / "ema.safetensors", metadata={"source": str(path)})

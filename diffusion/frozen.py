@@ -33,5 +33,14 @@ class FrozenModule(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
+    def weights_sha256(self) -> str:
+        """:func:`weights_sha256` of this module, computed once per dtype (the weights are fixed)."""
+        dtype = next((t.dtype for t in self.state_dict().values()), None)
+        cached = self.__dict__.get("_weights_sha256")
+        if cached is None or cached[0] != dtype:
+            cached = (dtype, weights_sha256(self))
+            self.__dict__["_weights_sha256"] = cached
+        return cached[1]
+
     def train(self, mode: bool = True) -> "FrozenModule":
         return super().train(False)

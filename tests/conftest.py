@@ -14,6 +14,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from diffusion.runs import register_resolvers
+
+register_resolvers()  # conf/train.yaml's hydra.run.dir uses ${run_dir:...}
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 

@@ -17,6 +17,9 @@ from diffusion.conditioning.types import Conditioning
 class Conditioner(nn.Module, ABC):
     """``batch -> Conditioning``; ``make(values)`` does the same for what a user asks to sample."""
 
+    #: What sampling asks for: "labels", "prompts", or None (nothing).
+    takes: str | None = None
+
     @abstractmethod
     def forward(self, batch: dict[str, Any]) -> Conditioning: ...
 
@@ -54,8 +57,16 @@ class Unconditional(Conditioner):
 class ClassLabels(Conditioner):
     """``batch["label"]``; the null condition is the extra class ``num_classes`` (DiT)."""
 
-    def __init__(self, num_classes: int):
+    takes = "labels"
+
+    def __init__(self, num_classes: int | None):
         super().__init__()
+        if num_classes is None:
+            raise ValueError(
+                "conditioning=labels needs a class-labelled dataset, and this one has no classes (data.num_classes "
+                "is null, e.g. a folder of captioned images): use conditioning=text text_encoder=... for its "
+                "captions, or conditioning=none"
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -64,6 +75,9 @@ class ClassLabels(Conditioner):
         return label_condition(batch["label"])
 
     def make(self, values: Sequence[int] | Tensor | None, num: int, device: torch.device) -> Conditioning:
+        if values is not None and not isinstance(values, Tensor) and any(isinstance(v, str) for v in values):
+            raise ValueError(f"this model is conditioned on class labels 0..{self.num_classes - 1}, not prompts; "
+                             "sample it with labels=[...]")
         labels = torch.arange(num) % self.num_classes if values is None else torch.as_tensor(values, dtype=torch.long)
         if labels.numel() != num or bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(f"need {num} labels in 0..{self.num_classes - 1}, got {labels.tolist()}")
@@ -87,6 +101,8 @@ class TextPrompts(Conditioner):
     ``pooled`` of the batch when training from a cache. A sample without a caption
     (``has_caption`` False) gets the null condition: it trains unconditionally."""
 
+    takes = "prompts"
+
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
@@ -109,6 +125,9 @@ class TextPrompts(Conditioner):
 
     def make(self, values: Sequence[str] | None, num: int, device: torch.device) -> Conditioning:
         prompts = [""] * num if values is None else list(values)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"this model is conditioned on text prompts, not labels; sample it with "
+                             f"prompts='[\"a prompt\", ...]' (got {prompts[:4]!r})")
         if len(prompts) != num:
             raise ValueError(f"need {num} prompts, got {len(prompts)}")
         return self.encoder(prompts).to(device)

@@ -5,12 +5,17 @@ An epoch is a list of GLOBAL batches of ``batch_size * num_replicas`` samples th
 ``(seed, epoch)`` and the global batch size; process ``rank`` loads the ``rank``-th slice of each.
 So the samples of an optimiser step do not depend on how many processes share them, and a resumed
 run, whatever its world size, continues at the next global batch.
+
+A training sampler follows the run's count of batches (``follow``): the epochs form one stream of
+global batches, and each iteration starts at the run's position in it. So a resumed run continues
+the epoch where it stopped, and so does a finished run extended to more steps (which Lightning
+records as a completed epoch, and would start a new one).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,7 +64,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
     DistributedSampler), so every rank gets as many batches, none empty (evaluation).
 
     ``len`` is the full epoch of one rank. Lightning calls ``set_epoch`` through ``sampler``;
-    ``resume`` makes the next iteration skip the global batches a stopped run had trained on.
+    ``resume`` makes the next iteration skip the global batches a stopped run had trained on;
+    ``follow`` makes every iteration start at a position in the stream of epochs.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.epoch, self._skip = 0, 0
+        self._position: Callable[[], int] | None = None
         self.sampler = self  # Lightning calls set_epoch on `dataloader.batch_sampler.sampler`
 
     @property
@@ -96,6 +103,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if batches_done < 0:
             raise ValueError(f"batches_done must be >= 0, got {batches_done}")
         self.epoch, self._skip = epoch, batches_done
+
+    def follow(self, position: Callable[[], int]) -> None:
+        """Start each iteration at global batch ``position()`` of the stream of epochs (epoch
+        ``position // len(self)``, after its first ``position % len(self)`` batches), instead of
+        at the epoch set by ``set_epoch``."""
+        self._position = position
 
     def _batches_of_group(self, n: int) -> int:
         return n // self.global_batch_size if self.drop_last else math.ceil(n / self.global_batch_size)
@@ -127,6 +140,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self._position is not None:
+            self.epoch, self._skip = divmod(self._position(), len(self))
         skip, self._skip = self._skip, 0
         for batch in self.global_batches()[skip:]:
             share = len(batch) // self.num_replicas
@@ -146,7 +161,7 @@ def batch_sampler(
         raise ValueError(_no_batch_message(sampler))
     if train and trainer is not None:
         # `processed`, not `completed`: checkpoints are written before Lightning completes the batch.
-        sampler.resume(trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        sampler.follow(lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed)
     return sampler
 
 

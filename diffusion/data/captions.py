@@ -213,6 +213,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
             raise ValueError(f"data.module.val_fraction must be in [0, 1), got {val_fraction}")
         if val_fraction and val_root is not None:
             raise ValueError("set data.module.val_fraction or data.module.val_root, not both")
+        for key, folder in (("root", root), ("val_root", val_root)):
+            if folder is not None and not Path(folder).is_dir():
+                raise FileNotFoundError(f"image folder {folder} does not exist; set data.module.{key} to a folder of images")
         self.root, self.resolution, self.batch_size = Path(root), resolution, batch_size
         self.buckets, self.crop, self.hflip = BucketConfig.coerce(buckets), check_choice("crop", crop, CROPS), hflip
         self.val_fraction, self.val_root, self.num_workers, self.seed = val_fraction, val_root, num_workers, seed

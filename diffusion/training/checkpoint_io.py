@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,4 +37,22 @@ def check_state_fits(expected: dict[str, Any], found: dict[str, Any], source: st
         raise ValueError(
             f"{source} does not fit this model (another backbone or size?): missing {show(missing)}; "
             f"unexpected {show(unexpected)}; shape differs {show(mismatched)}"
+        )
+
+
+def check_frozen_weights(expected: dict[str, str], found: dict[str, str] | None, source: str) -> None:
+    """Refuse a checkpoint trained with other frozen parts (VAE, text encoder) than the ones this
+    model was rebuilt with: their weights are not in checkpoints, only the hashes compared here."""
+    if found is None:
+        log.warning("%s records no hashes of its frozen parts (written before they were recorded); "
+                    "their weights cannot be checked against this model's", source)
+        return
+    differing = [f"{name}: checkpoint {found.get(name, 'none')}, this model {expected.get(name, 'none')}"
+                 for name in sorted(set(expected) | set(found)) if expected.get(name) != found.get(name)]
+    if differing:
+        raise ValueError(
+            f"{source} was trained with other frozen weights than this model's (sha256 of their weights):\n  "
+            + "\n  ".join(differing)
+            + "\nbuild the model with the VAE and text encoder the run used (vae=..., text_encoder=..., the run's seed "
+            "for random-weight encoders), or train a new model"
         )

@@ -3,58 +3,77 @@ loss, and owns the optimiser, the EMA of the weights and the sample grids. The p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 import torch
 from torch import Tensor, nn
 
 from diffusion.conditioning import Conditioner, Unconditional, drop_condition
 from diffusion.data.batching import check_split_over_processes
-from diffusion.images import to_grid, write_png
+from diffusion.frozen import FrozenModule
 from diffusion.objective import DiffusionObjective
 from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
 from diffusion.schedules import Schedule
 from diffusion.timesteps import TimeDistribution, Uniform
-from diffusion.training.checkpoint_io import check_state_fits
+from diffusion.training.checkpoint_io import check_frozen_weights, check_state_fits
 from diffusion.training.ema import EMA
 from diffusion.training.lr import warmup_then_decay
+from diffusion.training.optim import parameter_groups
 from diffusion.training.randomness import StepDraws, draw_step
 from diffusion.weighting import LossWeighting, NoWeighting
 
 
 @dataclass
 class SamplingConfig:
-    """How the module samples its grids (and the defaults of ``sample``)."""
+    """How the module samples: the defaults of ``sample`` and of sample.py, and the training grids
+    (diffusion.training.callbacks.SampleGrids)."""
 
     sampler: str = "euler"
     steps: int = 50
-    cfg_scale: float = 1.0
+    cfg_scale: float = 1.0  # the run's guidance scale; sample.py keeps it unless given cfg_scale=
     grid: Callable[[int], Tensor] = grids.uniform  # steps -> decreasing times
-    every_n_steps: int = 0  # 0: only at the end of training
+    every_n_steps: int = 0  # grids every N optimiser steps; 0: only at the end of training
     num_images: int = 64
+    prompts: Sequence[str] | None = None  # text-conditioned models: the grids' prompts, a column each
+
+
+def _adamw() -> Callable[..., torch.optim.Optimizer]:
+    return partial(torch.optim.AdamW, lr=1e-3)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
+    """The optimiser (a partial taking the parameter groups, e.g. Hydra's ``_partial_: true``) and the
+    learning-rate schedule: linear warm-up, then constant, cosine or linear decay to
+    ``min_lr_ratio`` of the rate at ``trainer.max_steps``."""
+
+    optimizer: Callable[..., torch.optim.Optimizer] = field(default_factory=_adamw)
     warmup_steps: int = 100
     decay: str = "constant"
     min_lr_ratio: float = 0.0
+
+    def lr_multiplier(self, max_steps: int | None) -> Callable[[int], float]:
+        """The multiplier of the base rate at each optimiser step; a decay needs the run's length."""
+        if self.decay != "constant" and (max_steps is None or max_steps <= 0):
+            raise ValueError(
+                f"model.optim.decay={self.decay!r} decays to the end of training, which needs trainer.max_steps > 0 "
+                f"(got {max_steps}); set trainer.max_steps, or model.optim.decay=constant"
+            )
+        return partial(warmup_then_decay, warmup_steps=self.warmup_steps, total_steps=max_steps or 0,
+                       decay=self.decay, min_ratio=self.min_lr_ratio)
 
 
 VALIDATION_KEY = -1  # keys the validation noise apart from any training draw
 
 
 class DiffusionModule(L.LightningModule):
-    #: Frozen parts, rebuilt from their own config and weights: kept out of checkpoints.
-    FROZEN = ("autoencoder.", "conditioner.")
+    """Frozen parts (:class:`~diffusion.frozen.FrozenModule`: the autoencoder, text encoders) are
+    rebuilt from the run's config, so checkpoints leave their weights out and keep their hashes,
+    which loading compares; everything else (the backbone, its EMA, a trainable conditioner) is saved."""
 
     def __init__(
         self,
@@ -136,7 +155,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._raise_if_last_loss_was_not_finite()
         x0 = self.latents(batch)
-        draws = self._draws(x0, key=(self.seed, self.current_epoch, batch_idx), drop_probability=self.cond_dropout)
+        draws = self._draws(x0, key=(self.seed, self._batch_position(batch_idx)), drop_probability=self.cond_dropout)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
                               drop=draws.drop)
         out = self.objective(partial(self.backbone, cond=cond), x0, t=draws.t, noise=draws.noise)
@@ -145,6 +164,14 @@ class DiffusionModule(L.LightningModule):
         self._last_loss = (torch.isfinite(loss), loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         return out.loss
+
+    def _batch_position(self, batch_idx: int) -> int:
+        """The current batch's place in the run's stream of training batches (0, 1, ... over all
+        epochs), which the data modules' samplers also follow: Lightning's epoch count is not used,
+        since a run stopped by max_steps is recorded as a finished epoch and would not continue it."""
+        if self._trainer is None:
+            return batch_idx
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
 
     def _mean_over_processes(self, value: Tensor) -> Tensor:
         """One all-reduce, which the host does not wait on (Lightning's reduce adds a barrier)."""
@@ -181,14 +208,8 @@ class DiffusionModule(L.LightningModule):
         # save an average one update behind the weights.
         self.ema.update(self.backbone)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = self.sampling.every_n_steps
-        if every and self.global_step % every == 0:
-            self.log_samples()
-
     def on_train_end(self) -> None:
         self._raise_if_last_loss_was_not_finite()
-        self.log_samples()
 
     # --- validation: fixed times and fixed noise ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -232,52 +253,52 @@ class DiffusionModule(L.LightningModule):
         x = get_sampler(sampler or s.sampler)(model, self.schedule, x, grid, progress=progress)
         return self.autoencoder.decode(x) if decode and self.autoencoder is not None else x
 
-    def log_samples(self) -> Path | None:
-        """A grid of samples (a column per class) saved under the run directory and sent to the
-        loggers that take images (Weights & Biases, TensorBoard)."""
-        if self.image_shape is None or self._trainer is None:
-            return None
-        # Process 0 samples alone, unless the EMA is sharded: then all sample together (each
-        # forward gathers the blocks' shards) and process 0 writes.
-        if not (self.trainer.is_global_zero or self._sharded):
-            return None
-        images = self.sample(self.sampling.num_images, generator=torch.Generator(device=self.device).manual_seed(0))
-        if not self.trainer.is_global_zero:
-            return None
-        grid = to_grid(images, nrow=self.num_classes)  # (H, W, C) uint8
-        path = write_png(grid, Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png")
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("samples", [grid], step=self.global_step)
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", grid, self.global_step, dataformats="HWC")
-        return path
-
     # --- optimiser ------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.optim
-        optimizer = torch.optim.AdamW(self.backbone.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        trainer = self._trainer  # None outside a Trainer (self.trainer raises there)
-        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else o.warmup_steps
-        schedule = partial(warmup_then_decay, warmup_steps=o.warmup_steps, total_steps=total, decay=o.decay,
-                           min_ratio=o.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        """The configured optimiser over the backbone, weight decay on its matrices only (see
+        diffusion.training.optim), with the warm-up and decay of ``optim`` per optimiser step."""
+        max_steps = self._trainer.max_steps if self._trainer is not None else None  # None outside a Trainer
+        optimizer = self.optim.optimizer(parameter_groups(self.backbone))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.lr_multiplier(max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def frozen_parts(self) -> dict[str, FrozenModule]:
+        """The outermost frozen submodules by name (e.g. ``autoencoder``, ``conditioner.encoder``)."""
+        parts: dict[str, FrozenModule] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, FrozenModule) and not any(name.startswith(f"{p}.") for p in parts):
+                parts[name] = module
+        return parts
+
+    def frozen_weights(self) -> dict[str, str]:
+        """The sha256 of each frozen part's weights, which a checkpoint records in their place."""
+        return {name: part.weights_sha256() for name, part in self.frozen_parts().items()}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint of another model: other trained weights (names or shapes), or other
+        frozen encoders than it was trained with."""
+        check_state_fits(self.state_dict(), checkpoint["state_dict"], source)
+        check_frozen_weights(self.frozen_weights(), checkpoint.get("frozen_weights"), source)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._raise_if_last_loss_was_not_finite()  # never write weights a non-finite loss has updated
         checkpoint["run_config"] = self.run_config
+        checkpoint["frozen_weights"] = self.frozen_weights()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Called with the checkpoint Lightning has loaded, before it applies the weights.
-        check_state_fits(self.state_dict(), checkpoint["state_dict"], "the checkpoint to resume from")
+        self.check_checkpoint(checkpoint, "the checkpoint to resume from")
+
+    def _frozen_prefixes(self, prefix: str = "") -> tuple[str, ...]:
+        return tuple(f"{prefix}{name}." for name in self.frozen_parts())
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        frozen = tuple(prefix + name for name in self.FROZEN)
+        frozen = self._frozen_prefixes(kwargs.get("prefix", args[1] if len(args) > 1 else ""))
         return type(state)((k, v) for k, v in state.items() if not k.startswith(frozen))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        own = {k: v for k, v in super().state_dict().items() if k.startswith(self.FROZEN)}
+        frozen = self._frozen_prefixes()
+        own = {k: v for k, v in super().state_dict().items() if k.startswith(frozen)}
         return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)

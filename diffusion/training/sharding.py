@@ -1,4 +1,4 @@
-"""Sharding a backbone block by block: FSDP2 (``fully_shard``) and the classic FSDP wrap policy."""
+"""Sharding a backbone block by block with FSDP2 (``fully_shard``)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,6 @@ def fully_shard_by_block(backbone: nn.Module, mesh, *, forward_only: bool = Fals
         fully_shard(block, mesh=mesh)
     fully_shard(backbone, mesh=mesh, reshard_after_forward=True if forward_only else None)
     return backbone
-
-
-def block_wrap_policy(block_types: list[str] | None = None):
-    """Classic FSDP's auto-wrap policy over the backbones' block classes (for FSDPStrategy on GPUs)."""
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    from diffusion.backbones import DiT, UNet
-
-    classes = {cls for backbone in (DiT, UNet) for cls in backbone.block_types}
-    return ModuleWrapPolicy(classes)
 
 
 def fsdp2_strategy(save_distributed_checkpoint: bool = False, **kwargs):
