@@ -19,8 +19,7 @@ in the plain loop: logging is Lightning's work and its cost is counted as Lightn
 timing, 3 steps of both loops from the same weights and RNG state must end with identical
 weights, EMA weights, AdamW moments and learning rate, or the script stops.
 
-Only the steps are timed. The sample grids are switched off (``sampling.every_n_steps=0`` and
-``log_samples`` a no-op, so ``on_train_end`` samples nothing). The Trainer is the lean one a
+Only the steps are timed. The sample grids are off (the lean Trainer has no SampleGrids callback). The Trainer is the lean one a
 throughput run would use: no logger, checkpointing, progress bar, model summary, validation or
 sanity check. A callback reads the clocks at ``on_train_batch_start`` of batch ``warmup`` and of
 each batch up to ``warmup + steps``; the window holds ``steps`` whole cycles of Lightning's loop
@@ -101,11 +100,9 @@ def compose_train_config(overrides: list[str] = ()) -> DictConfig:
 
 
 def build(cfg: DictConfig) -> DiffusionModule:
-    """The module of ``cfg``, weights from ``cfg.seed``, with ``log_samples`` a no-op."""
+    """The module of ``cfg``, weights from ``cfg.seed`` (the lean Trainer has no SampleGrids callback)."""
     torch.manual_seed(cfg.seed)
-    module = build_module(cfg)
-    module.log_samples = lambda: None  # on_train_end's grid is not part of a training step
-    return module
+    return build_module(cfg)
 
 
 def preload_batches(cfg: DictConfig, count: int) -> list[dict[str, Any]]:
