@@ -20,9 +20,10 @@ def _ranks(groups, batch_size: int, num_replicas: int, **kwargs) -> list[list[li
             for r in range(num_replicas)]
 
 
-def _fake_trainer(world_size: int = 1, global_rank: int = 0, epoch: int = 0, processed: int = 0) -> SimpleNamespace:
-    progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
-    return SimpleNamespace(world_size=world_size, global_rank=global_rank, current_epoch=epoch,
+def _fake_trainer(world_size: int = 1, global_rank: int = 0, processed: int = 0) -> SimpleNamespace:
+    """A trainer whose run has processed ``processed`` training batches in all."""
+    progress = SimpleNamespace(total=SimpleNamespace(processed=processed))
+    return SimpleNamespace(world_size=world_size, global_rank=global_rank,
                            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
 
 
@@ -155,18 +156,22 @@ def test_sampler_refuses_a_sampler_in_place_of_groups():
         GlobalBatchSampler(torch.utils.data.DistributedSampler(range(8), num_replicas=2, rank=0), 2)
 
 
-def test_helper_takes_rank_world_size_and_resume_from_the_trainer():
+def test_helper_takes_rank_world_size_and_the_runs_position_from_the_trainer():
+    """A training sampler starts each iteration where the run's count of batches stands: epoch
+    count // len, after count % len batches, whatever epoch Lightning believes it is in."""
     alone = batch_sampler(None, BUCKET_IDS, 2, train=True, seed=1)
     assert (alone.num_replicas, alone.rank, alone.shuffle, alone.drop_last) == (1, 0, True, True)
-    evaluation = batch_sampler(_fake_trainer(2, 1, epoch=3, processed=2), BUCKET_IDS, 2, train=False, seed=1)
+    straight = GlobalBatchSampler(BUCKET_IDS, 2, seed=1, num_replicas=2, rank=1)
+    trainer = _fake_trainer(2, 1, processed=3 * len(straight) + 2)
+    evaluation = batch_sampler(trainer, BUCKET_IDS, 2, train=False, seed=1)
     assert (evaluation.num_replicas, evaluation.rank, evaluation.shuffle, evaluation.drop_last) == (2, 1, False, False)
     assert len(list(evaluation)) == len(evaluation)  # evaluation never skips
-    trainer = _fake_trainer(2, 1, epoch=3, processed=2)
     resumed = batch_sampler(trainer, BUCKET_IDS, 2, train=True, seed=1)
-    straight = GlobalBatchSampler(BUCKET_IDS, 2, seed=1, num_replicas=2, rank=1)
     straight.set_epoch(3)
-    assert (resumed.num_replicas, resumed.rank, resumed.epoch) == (2, 1, 3)
-    assert list(resumed) == list(straight)[2:]
+    assert list(resumed) == list(straight)[2:] and resumed.epoch == 3
+    trainer.fit_loop.epoch_loop.batch_progress.total.processed = 4 * len(straight)  # the next epoch, from its start
+    straight.set_epoch(4)
+    assert list(resumed) == list(straight)
 
 
 def test_no_full_batch_is_a_clear_error():
