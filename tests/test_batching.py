@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffusion.data.batching import GlobalBatchSampler, batch_sampler
+from diffusion.data.batching import EpochIndex, GlobalBatchSampler, batch_sampler
+from diffusion.data.captions import ImageCaptionDataModule
 from diffusion.data.digits import DigitsDataModule
+from tests.make_captioned_folder import make_captioned_folder
 
 BUCKET_IDS = [0] * 7 + [1] * 5 + [2] * 9 + [3] * 2  # 23 images in 4 buckets
 SHAPES = [(4, 8, 8), (4, 6, 10), (4, 10, 6)] * 13 + [(4, 6, 10)] * 5  # 44 latents of 3 shapes, interleaved
@@ -194,6 +196,34 @@ def test_digits_batches_of_two_ranks_make_the_batches_of_one_process():
     assert all(torch.equal(one, torch.cat(pair)) for one, pair in zip(single, zip(*ranks)))
     val = [[b["label"] for b in loader(2, r, 32, train=False)] for r in range(2)]
     assert len(val[0]) == len(val[1]) and sum(len(b) for r in val for b in r) >= 360
+
+
+def test_image_batches_of_two_ranks_are_cropped_and_flipped_as_in_one_process(tmp_path):
+    root = make_captioned_folder(tmp_path, n=16, sizes=[(64, 40), (40, 64), (72, 48)])  # larger: crops vary
+
+    def images(world_size: int, rank: int, batch_size: int, epoch: int) -> list[torch.Tensor]:
+        torch.manual_seed(rank)  # each process's global generator differs; it plays no part
+        dm = ImageCaptionDataModule(root, resolution=32, batch_size=batch_size, buckets={"multiple": 8},
+                                    crop="random", hflip=True, seed=2)
+        dm.trainer = _fake_trainer(world_size, rank, epoch=epoch)
+        loader = dm.train_dataloader()
+        loader.batch_sampler.set_epoch(epoch)
+        return [b["image"] for b in loader]
+
+    for epoch in (0, 1):
+        single = images(1, 0, 4, epoch)
+        ranks = [images(2, r, 2, epoch) for r in range(2)]
+        assert len(single) == len(ranks[0]) == len(ranks[1]) > 0
+        assert all(torch.equal(one, torch.cat(pair)) for one, pair in zip(single, zip(*ranks))), epoch
+
+
+def test_sampled_indices_carry_their_epoch():
+    sampler = GlobalBatchSampler(BUCKET_IDS, 3, seed=1, num_replicas=2, rank=1)
+    sampler.set_epoch(4)
+    batches = list(sampler)
+    assert all(isinstance(i, EpochIndex) and i.epoch == 4 for batch in batches for i in batch)
+    sampler.resume(6, 1)
+    assert all(i.epoch == 6 for batch in sampler for i in batch)
 
 
 def test_a_training_loader_not_split_over_processes_is_refused():

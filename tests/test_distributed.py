@@ -171,3 +171,65 @@ def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
         kept = torch.load(path, weights_only=True)
         assert kept["global_step"] == 2, path.name
         assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point()), path.name
+
+
+def test_the_sbatch_template_runs_on_a_fresh_checkout(tmp_path):
+    """SLURM opens --output/--error before the script runs and creates no folder, so each folder they
+    name must exist in a fresh checkout; the script body then trains (fake srun and scontrol) in
+    outputs/<job id>, with the job's log linked from there."""
+    import os
+    import re
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the project's git checkout (what a fresh clone holds: git ls-files)")
+    checkout = tmp_path / "checkout"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in filter(None, tracked.stdout.split("\0")):
+        if (ROOT / name).is_file():  # a file deleted in the work tree is not in a checkout of it either
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    script = checkout / "scripts" / "slurm" / "train.sbatch"
+    job = "4343"
+    patterns = {"%j": job, "%x": "diffusion", "%A": job, "%a": "0", "%u": "user", "%N": "node0", "%%": "%"}
+    for match in re.finditer(r"^#SBATCH\s+(--output|--error|-o|-e)[=\s]+(\S+)", script.read_text(), re.MULTILINE):
+        path = re.sub("|".join(patterns), lambda m: patterns[m.group()], match.group(2))
+        assert (checkout / path).parent.is_dir(), f"{match.group(1)}={match.group(2)}: {Path(path).parent} does not exist"
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"srun": 'exec "$@"', "scontrol": f'echo "$@" >> {tmp_path / "scontrol"}',
+                       "python": f'exec {sys.executable} "$@"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("PYTHONPATH", "VENV")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(checkout), SLURM_JOB_ID=job,
+               SLURM_JOB_NAME="diffusion", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NODEID="0",
+               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NNODES="1", SLURM_JOB_NUM_NODES="1",
+               SLURM_NODELIST="localhost")
+    overrides = ["trainer.accelerator=cpu", "trainer.precision=32", *FAST]
+
+    def submit(job_id: str) -> tuple[int, str]:  # SLURM runs the script in the submit directory, log opened
+        log = checkout / f"slurm-{job_id}.out"
+        with log.open("w") as out:
+            rc = subprocess.run(["bash", str(script), *overrides], cwd=checkout, env={**env, "SLURM_JOB_ID": job_id},
+                                stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
+        return rc, log.read_text()
+
+    rc, log = submit(job)
+    assert rc == 0, log[-3000:]
+    run = checkout / "outputs" / job
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert (run / f"slurm-{job}.out").resolve() == (checkout / f"slurm-{job}.out").resolve()
+    assert f"run directory outputs/{job}" in log and "max_steps=4" in log
+    assert "no virtual environment at .venv" in log  # and the python on PATH ran
+
+    # With a .venv in the checkout, its activate script is sourced before srun.
+    venv_bin = checkout / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text('#!/bin/sh\necho "venv python $@"\n')
+    (venv_bin / "python").chmod(0o755)
+    (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    rc, log = submit("4344")
+    assert rc == 0 and "venv python train.py trainer=ddp" in log, log[-3000:]

@@ -4,7 +4,8 @@ shape), split over processes by the sampler itself, and resumable mid-epoch.
 An epoch is a list of GLOBAL batches of ``batch_size * num_replicas`` samples that depends only on
 ``(seed, epoch)`` and the global batch size; process ``rank`` loads the ``rank``-th slice of each.
 So the samples of an optimiser step do not depend on how many processes share them, and a resumed
-run, whatever its world size, continues at the next global batch.
+run, whatever its world size, continues at the next global batch. The indices it yields carry their
+epoch (:class:`EpochIndex`), so a dataset can key its random augmentation to (seed, epoch, index).
 
 A training sampler follows the run's count of batches (``follow``): the epochs form one stream of
 global batches, and each iteration starts at the run's position in it. So a resumed run continues
@@ -23,6 +24,33 @@ from torch.utils.data import DistributedSampler, Sampler
 
 if TYPE_CHECKING:
     import lightning as L
+
+
+class EpochIndex(int):
+    """A dataset index that carries the epoch it was drawn for; otherwise a plain ``int``.
+
+    It travels with the index through the DataLoader (pickled into worker processes too), so a
+    dataset's augmentation can be a function of (seed, epoch, index) alone: the same whatever the
+    worker, the number of workers or processes, or a resume. Datasets that ignore it see an int.
+    """
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int) -> EpochIndex:
+        self = super().__new__(cls, index)
+        self.epoch = epoch
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:
+        return type(self), (int(self), self.epoch)
+
+    def __repr__(self) -> str:
+        return f"EpochIndex({int(self)}, epoch={self.epoch})"
+
+
+def epoch_of(index: int) -> int:
+    """The epoch an index was drawn for; 0 for a plain int (a dataset indexed directly, a cache)."""
+    return getattr(index, "epoch", 0)
 
 
 def _members_of_groups(groups: int | Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
@@ -63,9 +91,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
     is padded, wrapping around the group, to a multiple of ``num_replicas`` (like torch's
     DistributedSampler), so every rank gets as many batches, none empty (evaluation).
 
-    ``len`` is the full epoch of one rank. Lightning calls ``set_epoch`` through ``sampler``;
-    ``resume`` makes the next iteration skip the global batches a stopped run had trained on;
-    ``follow`` makes every iteration start at a position in the stream of epochs.
+    Indices come as :class:`EpochIndex` of the sampler's epoch. ``len`` is the full epoch of one
+    rank. Lightning calls ``set_epoch`` through ``sampler``; ``resume`` makes the next iteration
+    skip the global batches a stopped run had trained on; ``follow`` makes every iteration start
+    at a position in the stream of epochs.
     """
 
     def __init__(
@@ -145,7 +174,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         skip, self._skip = self._skip, 0
         for batch in self.global_batches()[skip:]:
             share = len(batch) // self.num_replicas
-            yield batch[self.rank * share:(self.rank + 1) * share].tolist()
+            yield [EpochIndex(i, self.epoch) for i in batch[self.rank * share:(self.rank + 1) * share].tolist()]
 
 
 def batch_sampler(

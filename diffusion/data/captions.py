@@ -21,12 +21,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion._checks import check_choice
-from diffusion.data.batching import batch_sampler
+from diffusion.data.batching import batch_sampler, epoch_of
 from diffusion.data.buckets import BucketConfig, assign_buckets, make_buckets
 from diffusion.data.images import (
     IMAGE_EXTS,
     FolderScan,
     ImageRecord,
+    augmentation_generator,
     check_bad_fraction,
     list_images,
     load_rgb,
@@ -109,9 +110,15 @@ class ImageCaptionDataset(Dataset):
     """Images of a folder (or of a :class:`FolderScan`), resized and cropped to ``resolution``
     square, or with ``buckets`` to the closest aspect-ratio bucket of about that area.
 
+    A random crop and flip are drawn from a generator seeded with (``seed``, epoch, index): the
+    epoch comes with the index from the data module's sampler (a plain int index is epoch 0), so
+    each sample is augmented the same way whatever the worker, the number of workers or of
+    processes, and after a resume. The flip's coin is drawn first, so the crop does not change it.
+
     An image that fails to decode is counted and replaced by the next readable image of its
-    bucket, so batches stay full; the count lives in shared memory, so DataLoader workers add up
-    to one total, and more bad files than ``max_bad_fraction`` of all stops the run.
+    bucket, so batches stay full; the replacement is augmented with the key of the sample asked
+    for. The count lives in shared memory, so DataLoader workers add up to one total, and more bad
+    files than ``max_bad_fraction`` of all stops the run.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class ImageCaptionDataset(Dataset):
         max_bad_fraction: float = 0.05,
         image_exts: Iterable[str] = IMAGE_EXTS,
         caption_column: str = "text",
+        seed: int = 0,
     ):
         if isinstance(root, FolderScan):
             self.scan = root
@@ -133,7 +141,7 @@ class ImageCaptionDataset(Dataset):
         if not self.records:
             raise ValueError(f"no readable images under {self.scan.root}")
         self.resolution, self.crop, self.hflip = resolution, check_choice("crop", crop, CROPS), hflip
-        self.max_bad_fraction = max_bad_fraction
+        self.max_bad_fraction, self.seed = max_bad_fraction, seed
         self.bucket_config = BucketConfig.coerce(buckets)
         if self.bucket_config is None:
             self.buckets, self.bucket_ids = [(resolution, resolution)], [0] * len(self.records)
@@ -159,6 +167,7 @@ class ImageCaptionDataset(Dataset):
         return len(self.scan.bad) + int(self.decode_bad.sum())
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch = epoch_of(index)
         index = range(len(self))[index]  # negative indices, and IndexError past the end
         bucket = self.bucket_ids[index]
         members, start = self.members[bucket], self.position[index]
@@ -174,9 +183,11 @@ class ImageCaptionDataset(Dataset):
                 logger.warning("skipping unreadable image %s (%s: %s)", record.path, type(e).__name__, e)
                 check_bad_fraction(self.bad_paths, self.scan.total, self.max_bad_fraction, self.scan.root)
                 continue
-            img, _ = resize_crop(img, self.buckets[bucket], self.crop)
+            generator = augmentation_generator(self.seed, epoch, index)  # the asked-for sample's key
+            flip = bool(torch.rand((), generator=generator) < 0.5)
+            img, _ = resize_crop(img, self.buckets[bucket], self.crop, generator)
             image = to_tensor(img)
-            if self.hflip and torch.rand(()) < 0.5:
+            if self.hflip and flip:
                 image = image.flip(-1)
             return {"image": image, "caption": record.caption, "has_caption": record.has_caption,
                     "path": str(record.path), "index": candidate}
@@ -231,7 +242,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
 
     def _dataset(self, scan: FolderScan, train: bool) -> ImageCaptionDataset:
         return ImageCaptionDataset(scan, self.resolution, self.buckets, self.crop if train else "center",
-                                   self.hflip and train, self.max_bad_fraction)
+                                   self.hflip and train, self.max_bad_fraction, seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from diffusion._checks import check_choice
+from diffusion.training.randomness import sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ _UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_AXES = {5, 6, 7, 8}
+# Leads the key of augmentation draws, so they never share a stream with the training draws
+# (keyed (seed, epoch, batch, position), epochs far below this).
+_AUGMENTATION_STREAM = int.from_bytes(b"augment", "big")
 
 
 class TooManyBadImagesError(RuntimeError):
@@ -152,12 +156,14 @@ def load_rgb(path: str | Path, target_hw: tuple[int, int] | None = None) -> Imag
 
 
 def resize_crop(
-    img: Image.Image, target_hw: tuple[int, int], crop: str = "center"
+    img: Image.Image, target_hw: tuple[int, int], crop: str = "center", generator: torch.Generator | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to cover ``target_hw`` and crop to it; returns the crop and its ``(top, left)``.
-    A random crop draws from torch's global generator, so it is seeded like everything else
-    (``L.seed_everything(workers=True)`` seeds the DataLoader workers too)."""
+    A random crop draws its offsets from ``generator`` (required: a dataset seeds one per sample,
+    so the crop does not depend on which worker loads it or on what was drawn before)."""
     check_choice("crop", crop, ("center", "random"))
+    if crop == "random" and generator is None:
+        raise ValueError("resize_crop(crop='random') needs a generator: pass a torch.Generator seeded for this sample")
     th, tw = target_hw
     cw, ch = cover_size(img.size, target_hw)
     if (cw, ch) != img.size:
@@ -165,9 +171,15 @@ def resize_crop(
     if crop == "center":
         top, left = (ch - th) // 2, (cw - tw) // 2
     else:
-        top = int(torch.randint(0, ch - th + 1, ()).item())
-        left = int(torch.randint(0, cw - tw + 1, ()).item())
+        top = int(torch.randint(0, ch - th + 1, (), generator=generator).item())
+        left = int(torch.randint(0, cw - tw + 1, (), generator=generator).item())
     return img.crop((left, top, left + tw, top + th)), (top, left)
+
+
+def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample's random crop and flip, seeded with (seed, epoch, index) only:
+    a resumed run, another number of workers or of processes augment each sample the same way."""
+    return torch.Generator().manual_seed(sample_seed(seed, _AUGMENTATION_STREAM, epoch, index))
 
 
 def to_tensor(img: Image.Image) -> Tensor:
