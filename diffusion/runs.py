@@ -50,8 +50,8 @@ def newest_run(roots: tuple[str, ...] = RUN_ROOTS) -> Path:
     latest = {run: ckpt for run, ckpt in latest.items() if ckpt is not None}
     if not latest:
         where = " or ".join(f"{Path(r).resolve()}/" for r in roots)
-        raise FileNotFoundError(f"ckpt_path=last: no run with a checkpoint under {where}; train one first, or pass "
-                                "ckpt_path=PATH (and hydra.run.dir=DIR to continue the run in DIR)")
+        raise FileNotFoundError(f"no run with a checkpoint under {where} to take the newest of; train one first, or "
+                                "name a checkpoint file (train.py ckpt_path=PATH, sample.py ckpt=PATH)")
     return max(latest, key=lambda run: latest[run].stat().st_mtime)
 
 
