@@ -81,7 +81,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     be refused is checked before the run directory is written to, so a command that fails leaves
     it as it was."""
     # Hydra's root handler prints to the console; Lightning's own would print every message again.
-    logging.getLogger("lightning.pytorch").handlers.clear()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
     run = Path(cfg.trainer.default_root_dir)
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run)
     L.seed_everything(cfg.seed, workers=True)
