@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,11 +155,54 @@ def test_karras_grid_caps_sigma_max_at_the_schedules_end():
     assert (end.sigma / end.alpha).item() < 1e4
 
 
+def _ddpm_grid_faults(spacing: str, steps: int, n: int) -> list[str]:
+    """What is wrong with ``grids.ddpm(steps, spacing, n)``, checked against each spacing's exact
+    rational definition (Lin et al. 2024, Table 2) in integer arithmetic."""
+    grid = grids.ddpm(steps, spacing, n)
+    faults = []
+    if grid.numel() != steps + 1:
+        return [f"{grid.numel()} times, not {steps + 1}"]
+    if not (grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())):
+        faults.append("not strictly decreasing to 0")
+    if (spacing == "trailing" or spacing == "linspace" and steps > 1) and grid[0] != 1:
+        faults.append(f"starts at t = {grid[0].item()}, not 1")
+    idx = (grid[:-1] * n).round().long().numpy() - 1  # training steps, t = (i + 1) / N
+    if not torch.equal((torch.from_numpy(idx).double() + 1) / n, grid[:-1]) or idx.min() < 0 or idx.max() >= n:
+        return [*faults, "times off the training steps"]
+    k = np.arange(steps)
+    if spacing == "leading":  # i = (steps - 1 - k) * (N // steps)
+        ok = (idx == (steps - 1 - k) * (n // steps)).all()
+    elif spacing == "trailing":  # i + 1 = N (steps - k) / steps, rounded: within 1/2
+        ok = (np.abs(2 * steps * (idx + 1) - 2 * n * (steps - k)) <= steps).all()
+    else:  # linspace: i = (N - 1) (steps - 1 - k) / (steps - 1), rounded
+        div = max(steps - 1, 1)
+        ok = (np.abs(2 * div * idx - 2 * (n - 1) * (steps - 1 - k)) <= div).all()
+    return faults if ok else [*faults, "a step is not the training step nearest to its spacing's value"]
+
+
+@pytest.mark.parametrize("num_train_steps", [1000, 500])
+@pytest.mark.parametrize("spacing", grids.DDPM_SPACINGS)
+def test_ddpm_grids_are_right_for_every_step_count(spacing, num_train_steps):
+    """Every step count 1..N: steps + 1 times on the training steps, strictly decreasing to t = 0,
+    each the training step nearest its spacing's exact value; "trailing" starts at t = 1, and so does
+    "linspace" but for one step (diffusers' np.linspace of one value is its start, step 0).
+    A float arange gave "trailing" one time too many for 62 of the counts 1..1000 (61, 103, 121, ...)."""
+    n = num_train_steps
+    faults = {steps: f for steps in range(1, n + 1) if (f := _ddpm_grid_faults(spacing, steps, n))}
+    assert not faults, f"{len(faults)} step counts, e.g. {dict(list(faults.items())[:3])}"
+
+
 def test_bad_grid_arguments_are_refused():
     with pytest.raises(ValueError, match=r"spacing='uniform'.*'leading', 'trailing', 'linspace'"):
         grids.ddpm(10, "uniform")
     with pytest.raises(ValueError, match="steps must be in 1..num_train_steps"):
         grids.ddpm(2000)
+    with pytest.raises(ValueError, match="num_train_steps must be > 0"):
+        grids.ddpm(10, num_train_steps=0)
+    with pytest.raises(ValueError, match="steps_offset=1 applies to spacing='leading' only, not 'trailing'"):
+        grids.ddpm(10, "trailing", steps_offset=1)
+    with pytest.raises(ValueError, match="first of 1000 leading steps at training step 1000, past the last"):
+        grids.ddpm(1000, "leading", steps_offset=1)
     with pytest.raises(ValueError, match="shift must be > 0"):
         grids.shifted(10, 0.0)
     with pytest.raises(ValueError, match="need 0 < sigma_min < sigma_max"):
