@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -29,24 +31,56 @@ def _start(data: GaussianMixture, schedule, grid, z):
     return k.alpha * data.means[0] + z @ chol.T
 
 
-def gaussian_error(theory: str, sampler, steps: int) -> float:
+def gaussian_error(theory: str, sampler, steps: int, grid: torch.Tensor | None = None) -> float:
     """A deterministic sampler with the exact (linear) denoiser of a Gaussian is an affine map
-    x_T -> A x_T + b, so its output law N(b, A A^T) is read off exactly from 1 + D probes."""
+    x_T -> A x_T + b, so its output law N(b, A A^T) is read off exactly from 1 + D probes and
+    compared with the exact law at the grid's last time (the data at t = 0). The grid is the
+    theory's own of ``steps`` steps unless given."""
     make, grid_of = THEORIES[theory]
-    schedule, grid = make(), grid_of(steps)
+    schedule = make()
+    grid = grid_of(steps) if grid is None else grid
     probes = torch.cat([torch.zeros(1, 2), torch.eye(2)]).to(F64)
     out = sampler(GAUSSIAN.denoiser(schedule), schedule, _start(GAUSSIAN, schedule, grid, probes), grid)
+    k = schedule.at(grid[-1])
+    mean, cov = k.alpha * GAUSSIAN.mean, k.alpha**2 * GAUSSIAN.cov + k.sigma**2 * torch.eye(2, dtype=F64)
     b, a = out[0], (out[1:] - out[0]).T
-    return ((b - GAUSSIAN.mean).norm() + (a @ a.T - GAUSSIAN.cov).norm()).item()
+    return ((b - mean).norm() + (a @ a.T - cov).norm()).item()
+
+
+ORDER = {"euler": 1, "heun": 2, "dpmpp_2m": 2}
+
+
+@pytest.mark.parametrize("sampler", DETERMINISTIC)
+@pytest.mark.parametrize("theory", THEORIES)
+def test_each_solver_has_its_order_where_the_path_is_smooth(theory, sampler):
+    """From t = 0.98 to 0.02 in n equal steps, both ends inside (0, 1) where every path is smooth and
+    the SNR finite: the errors at 40 and 160 steps give the observed order log2(e40 / e160) / 2.
+    Measured: Euler 0.97-0.99; Heun and DPM-Solver++(2M) 1.92-2.14, for every theory."""
+    e40, e160 = (gaussian_error(theory, DETERMINISTIC[sampler], n, torch.linspace(0.98, 0.02, n + 1, dtype=F64))
+                 for n in (40, 160))
+    order = math.log2(e40 / e160) / 2
+    assert abs(order - ORDER[sampler]) < 0.3, (order, e40, e160)
+
+
+# Stable Diffusion's betas start 8.5x above Ho et al.'s, so on their path the last step, into
+# t = 0, where sigma ~ sqrt(t) and every solver is first order (README, "A note on grids"), makes
+# most of the error: there the second-order samplers' whole-trajectory gain over Euler is small.
+FIRST_ORDER_LAST_STEP = {"ddpm-scaled-v-zero-snr"}
 
 
 @pytest.mark.parametrize("sampler", DETERMINISTIC)
 @pytest.mark.parametrize("theory", THEORIES)
 def test_deterministic_error_falls_with_steps(theory, sampler):
+    """Whole trajectories, t = 1 to 0 on each theory's grid. At 160 steps Euler is within 4 % of the
+    covariance's norm (measured at most 3.1 %); Heun and DPM-Solver++(2M) are 10x below Euler's
+    error (measured 16x-790x), 2x on the path whose last step dominates (measured 2.65x, 3.2x)."""
     errors = [gaussian_error(theory, DETERMINISTIC[sampler], n) for n in (10, 40, 160)]
     assert errors[0] > errors[1] > errors[2], errors
-    tolerance = 0.04 if sampler == "euler" else 0.02  # of the covariance's norm, at 160 steps
-    assert errors[2] < tolerance * GAUSSIAN.cov.norm().item(), errors
+    if sampler == "euler":
+        assert errors[2] < 0.04 * GAUSSIAN.cov.norm().item(), errors
+    else:
+        gain = 2 if theory in FIRST_ORDER_LAST_STEP else 10
+        assert errors[2] < gaussian_error(theory, euler, 160) / gain, errors
 
 
 @pytest.mark.parametrize("steps", [10, 20])
