@@ -31,6 +31,9 @@ class DiffusionObjective:
     time_distribution: TimeDistribution = field(default_factory=Uniform)
     weighting: LossWeighting = field(default_factory=NoWeighting)
 
+    def __post_init__(self) -> None:
+        self.weighting.check(self.schedule)  # e.g. min-SNR refuses zero terminal SNR
+
     def __call__(
         self,
         model: Denoiser,

@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from diffusion._checks import check_positive
-from diffusion.schedules import Coefficients
+from diffusion.schedules import Coefficients, Schedule
+
+#: An SNR at t = 1 at or below this is zero terminal SNR: alpha(1) = 0 up to float64 rounding
+#: (cos(pi / 2)^2 ~ 4e-33); the smallest terminal SNR of a published beta table, the cosine
+#: schedule's, is 2.4e-9.
+ZERO_SNR = 1e-20
 
 
 class LossWeighting(ABC):
@@ -23,6 +28,10 @@ class LossWeighting(ABC):
 
     @abstractmethod
     def __call__(self, k: Coefficients) -> Tensor: ...
+
+    def check(self, schedule: Schedule) -> None:
+        """Raise ValueError if this weighting cannot train ``schedule``; the objective asks when
+        it is built."""
 
 
 class NoWeighting(LossWeighting):
@@ -51,13 +60,29 @@ class SNRWeighting(LossWeighting):
 class MinSNR(SNRWeighting):
     """Min-SNR-gamma (Hang et al. 2023): x0-error weight ``min(SNR, gamma)``, i.e.
     ``min(SNR, gamma) / SNR`` for eps, ``min(SNR, gamma) / (SNR + 1)`` for v (VP) and
-    ``min(SNR, gamma)`` for x0 prediction. The paper's gamma is 5."""
+    ``min(SNR, gamma)`` for x0 prediction. The paper's gamma is 5. A schedule whose SNR reaches
+    0 at t = 1 is refused when the objective is built (:meth:`check`)."""
 
     def __init__(self, gamma: float = 5.0):
         self.gamma = check_positive("gamma", gamma)
 
     def x0_weight(self, snr: Tensor) -> Tensor:
         return snr.clamp(max=self.gamma)
+
+    def check(self, schedule: Schedule) -> None:
+        """Refuses a schedule whose SNR reaches 0 at t = 1 (zero terminal SNR, flow matching):
+        min(SNR, gamma) is 0 there, so the step from pure noise, which zero terminal SNR exists
+        to train (Lin et al. 2024), would get no weight and the steps next to it almost none."""
+        terminal = schedule.at(1.0).snr
+        if terminal <= ZERO_SNR:
+            raise ValueError(
+                f"{self!r} cannot train {schedule!r}: its SNR at t = 1 is {float(terminal):.3g}, where the "
+                "min-SNR weight min(SNR, gamma) is 0, so the model would never learn the first sampling step, "
+                "from pure noise, that zero terminal SNR is for (Lin et al. 2024). Use NoWeighting "
+                "(schedule.weighting._target_=diffusion.weighting.NoWeighting: plain MSE on the target; with "
+                "v-prediction its x0 weight is SNR + 1, 1 at t = 1, as Lin et al. train), or keep MinSNR with a "
+                "schedule whose SNR stays above 0 (for DDPM, zero_terminal_snr=false)."
+            )
 
     def __repr__(self) -> str:
         return f"MinSNR(gamma={self.gamma})"

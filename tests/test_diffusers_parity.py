@@ -74,13 +74,35 @@ def test_beta_and_alpha_bar_tables_equal_diffusers(beta, zero_terminal_snr):
     torch.testing.assert_close(ours.alphas_cumprod.float(), stock.alphas_cumprod, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("steps", [1, 7, 10, 50, 999])
+@pytest.mark.parametrize("scheduler", [DDPMScheduler, DDIMScheduler])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-def test_ddpm_spacings_equal_diffusers_timesteps(spacing, steps):
-    ref = DDPMScheduler(timestep_spacing=spacing)
+def test_ddpm_spacings_equal_diffusers_timesteps_for_every_step_count(spacing, scheduler):
+    """Every step count 1..1000. diffusers' "trailing" takes its count from a float arange and returns
+    one timestep too many, a training step -1, for 62 of them (61, 103, 121, ...); there its other
+    timesteps are compared. Ours are its values, rounding included, so grids match step for step."""
+    ref = scheduler(timestep_spacing=spacing)
+    one_too_many = []
+    for steps in range(1, 1001):
+        ref.set_timesteps(steps)
+        timesteps = ref.timesteps.double()
+        if timesteps.numel() == steps + 1:
+            assert timesteps[-1] == -1, steps
+            one_too_many.append(steps)
+            timesteps = timesteps[:-1]
+        expected = torch.cat([(timesteps + 1) / 1000, torch.zeros(1, dtype=torch.float64)])
+        assert torch.equal(grids.ddpm(steps, spacing), expected), steps
+    if spacing == "trailing":
+        assert len(one_too_many) == 62 and one_too_many[:3] == [61, 103, 121], one_too_many
+    else:
+        assert one_too_many == []
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50, 999])
+def test_leading_steps_offset_equals_diffusers(steps):
+    ref = DDIMScheduler(timestep_spacing="leading", steps_offset=1)
     ref.set_timesteps(steps)
     expected = torch.cat([(ref.timesteps.double() + 1) / 1000, torch.zeros(1, dtype=torch.float64)])
-    torch.testing.assert_close(grids.ddpm(steps, spacing), expected, rtol=0, atol=1e-15)
+    assert torch.equal(grids.ddpm(steps, "leading", steps_offset=1), expected)
 
 
 @pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0)])

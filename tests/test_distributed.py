@@ -14,11 +14,29 @@ from diffusion import cli
 from tests.conftest import CONF, FAST, ROOT, logged_losses, run_script
 
 
-def test_global_batch_size_is_split_over_processes_and_accumulation(train_config, tmp_path):
+def test_global_batch_size_is_split_over_processes_and_accumulation(train_config, monkeypatch):
     assert cli.per_device_batch_size(64, 4, 2) == 8
     with pytest.raises(ValueError, match=r"global_batch_size=30 is not divisible by world size 4 x accumulate_grad_batches 2"):
         cli.per_device_batch_size(30, 4, 2)
-    cli.train(train_config("global_batch_size=24", "trainer.accumulate_grad_batches=2"))  # 12 a batch
+    # A run of global batch 24 with 2 accumulated batches (the config's own batch is 16): each
+    # batch holds 12 samples and each of the 4 optimiser steps sees 24.
+    from diffusion.training.module import DiffusionModule
+
+    events = []
+    training_step, optimizer_step = DiffusionModule.training_step, DiffusionModule.optimizer_step
+
+    def record_batch(self, batch, batch_idx):
+        events.append(len(batch["image"]))
+        return training_step(self, batch, batch_idx)
+
+    def record_step(self, *args, **kwargs):  # runs the closure, so the last batch's training_step, first
+        optimizer_step(self, *args, **kwargs)
+        events.append("step")
+
+    monkeypatch.setattr(DiffusionModule, "training_step", record_batch)
+    monkeypatch.setattr(DiffusionModule, "optimizer_step", record_step)
+    cli.train(train_config("global_batch_size=24", "trainer.accumulate_grad_batches=2"))
+    assert events == [12, 12, "step"] * 4
 
 
 def test_an_unknown_strategy_name_is_refused(train_config):

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+from hydra.utils import instantiate
 from scipy import stats
 
 from diffusion.objective import DiffusionObjective
 from diffusion.schedules import DDPM, FlowMatching
 from diffusion.timesteps import DiscreteUniform, FluxShift, LogitNormal, SD3Shift, Uniform, time_shift
 from diffusion.weighting import MinSNR, NoWeighting
+from tests.conftest import CONF, compose_config
 from tests.reference import DIFFUSERS_PREDICTIONS
+from tests.theories import TrigFlow
 
 N = 20_000
 
@@ -116,22 +120,63 @@ def test_min_snr_is_finite_at_t0_where_sigma_over_det_is_0_over_0(schedule):
     assert bool(torch.isfinite(w).all()), w
     if schedule.prediction == "x0":  # x0 error = output error: weight min(SNR, gamma) = gamma near data
         assert w.tolist() == [5.0, 5.0]
-    loss = DiffusionObjective(schedule, weighting=MinSNR())(lambda x, tt: torch.zeros_like(x), torch.randn(2, 3), t=t.float())
-    assert torch.isfinite(loss.loss)
+    if isinstance(schedule, DDPM):  # min-SNR refuses flow matching (zero SNR at t = 1), below
+        loss = DiffusionObjective(schedule, weighting=MinSNR())(lambda x, tt: torch.zeros_like(x), torch.randn(2, 3), t=t.float())
+        assert torch.isfinite(loss.loss)
+
+
+ZERO_TERMINAL_SNR = [DDPM("scaled_linear", "v", zero_terminal_snr=True), DDPM("linear", "x0", zero_terminal_snr=True),
+                     FlowMatching(), FlowMatching("x0"), TrigFlow()]
+
+
+@pytest.mark.parametrize("schedule", ZERO_TERMINAL_SNR, ids=repr)
+def test_min_snr_refuses_a_schedule_whose_snr_reaches_zero(schedule):
+    """min(SNR, gamma) = 0 at t = 1: the step from pure noise would never be trained."""
+    end = schedule.at(torch.tensor([1.0], dtype=torch.float64))
+    assert MinSNR(5.0)(end).item() < 1e-30  # why: the terminal weight is 0 (TrigFlow: cos(pi / 2)^2 ~ 4e-33)
+    assert NoWeighting()(end).item() == 1.0
+    with pytest.raises(ValueError, match=r"MinSNR\(gamma=5.0\) cannot train .*SNR at t = 1 is .*Use NoWeighting"):
+        DiffusionObjective(schedule, weighting=MinSNR(5.0))
+    DiffusionObjective(schedule, weighting=NoWeighting())  # the alternative the message gives
+
+
+@pytest.mark.parametrize("schedule", [DDPM("linear", "eps"), DDPM("cosine", "v"), DDPM("scaled_linear", "v"),
+                                      DDPM("linear", "x0")], ids=repr)
+def test_min_snr_trains_a_schedule_whose_terminal_snr_is_above_zero(schedule):
+    """Down to the cosine table's 2.4e-9 (its clipped last beta), the terminal step keeps its min-SNR weight."""
+    objective = DiffusionObjective(schedule, weighting=MinSNR(5.0))
+    assert objective.weighting(schedule.at(torch.tensor([1.0], dtype=torch.float64))).item() > 1e-9
+
+
+SCHEDULE_OPTIONS = sorted(p.stem for p in Path(CONF, "schedule").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", SCHEDULE_OPTIONS)
+def test_every_schedule_option_builds_its_objective(option, tmp_path):
+    node = compose_config("train", [f"schedule={option}"], tmp_path).schedule
+    DiffusionObjective(instantiate(node.schedule), instantiate(node.time_distribution), instantiate(node.weighting))
+
+
+def test_min_snr_with_zero_terminal_snr_is_refused_from_the_config(tmp_path):
+    """ddpm_v (min-SNR-5) turned to zero terminal SNR; ddpm_v_zero_snr itself trains with plain MSE."""
+    node = compose_config("train", ["schedule=ddpm_v", "+schedule.schedule.zero_terminal_snr=true"], tmp_path).schedule
+    with pytest.raises(ValueError, match="cannot train.*zero_terminal_snr=false"):
+        DiffusionObjective(instantiate(node.schedule), weighting=instantiate(node.weighting))
 
 
 # --- the objective ----------------------------------------------------------------------
-@pytest.mark.parametrize("schedule", [FlowMatching(), DDPM(prediction="v"), DDPM("cosine", "x0")])
-def test_objective_is_zero_for_the_oracle_and_the_weighted_mse_otherwise(schedule):
+@pytest.mark.parametrize("schedule,weighting", [(FlowMatching(), NoWeighting()), (DDPM(prediction="v"), MinSNR()),
+                                                (DDPM("cosine", "x0"), MinSNR())])
+def test_objective_is_zero_for_the_oracle_and_the_weighted_mse_otherwise(schedule, weighting):
     x0 = torch.randn(6, 3, 8, 8, generator=_gen())
     noise = torch.randn(6, 3, 8, 8, generator=_gen(1))
     t = torch.rand(6, generator=_gen(2)) * 0.98 + 0.01
-    objective = DiffusionObjective(schedule, Uniform(), MinSNR())
+    objective = DiffusionObjective(schedule, Uniform(), weighting)
     target = schedule.target(x0, noise, t)
     oracle = objective(lambda x_t, tt: target, x0, t=t, noise=noise)
     assert oracle.loss.item() == pytest.approx(0.0, abs=1e-10)
     zero = objective(lambda x_t, tt: torch.zeros_like(x_t), x0, t=t, noise=noise)
-    expected = (target**2).flatten(1).mean(1) * MinSNR()(schedule.at(t))
+    expected = (target**2).flatten(1).mean(1) * weighting(schedule.at(t))
     torch.testing.assert_close(zero.per_sample, expected)
     torch.testing.assert_close(zero.loss, expected.mean())
 

@@ -3,6 +3,7 @@ end time (usually 0); a sampler takes one step per consecutive pair."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,20 +28,32 @@ def shifted(steps: int, shift: float, t_start: float = 1.0, t_end: float = 0.0) 
 
 
 def ddpm(steps: int, spacing: str = "leading", num_train_steps: int = 1000, steps_offset: int = 0) -> Tensor:
-    """The DDPM step spacings of Lin et al. 2024 (Table 2), as diffusers' ``DDPMScheduler``
-    chooses its timesteps, mapped to t = (i + 1) / N with a last step to t = 0 (clean data).
-    Only "trailing" and "linspace" start at the last training step (t = 1)."""
+    """The DDPM step spacings of Lin et al. 2024 (Table 2): ``steps`` of the ``num_train_steps``
+    training steps i (at t = (i + 1) / N), then a last step to t = 0 (clean data); ``steps + 1``
+    times in all. The step indices are diffusers' ``set_timesteps`` values, float64 arithmetic
+    and rounding included, so a grid matches a diffusers pipeline step for step. Only
+    "trailing" and "linspace" start at the last training step (t = 1), "linspace" from 2 steps
+    on; ``steps_offset`` shifts "leading" alone, as in diffusers."""
     check_choice("spacing", spacing, DDPM_SPACINGS)
-    n = num_train_steps
+    n = int(check_positive("num_train_steps", num_train_steps))
     if not 0 < steps <= n:
         raise ValueError(f"steps must be in 1..num_train_steps={n}, got {steps}")
+    if steps_offset and spacing != "leading":
+        raise ValueError(f"steps_offset={steps_offset} applies to spacing='leading' only, not {spacing!r}")
     if spacing == "linspace":
-        idx = torch.linspace(0, n - 1, steps, dtype=torch.float64).round().flip(0)
+        idx = np.linspace(0, n - 1, steps).round()[::-1]
     elif spacing == "leading":
-        idx = (torch.arange(steps, dtype=torch.float64) * (n // steps)).round().flip(0) + steps_offset
-    else:  # trailing
-        idx = (torch.arange(n, 0, -n / steps, dtype=torch.float64)).round() - 1
-    return torch.cat([(idx + 1) / n, torch.zeros(1, dtype=torch.float64)])
+        idx = np.arange(steps)[::-1] * (n // steps) + steps_offset
+        if idx[0] >= n:
+            raise ValueError(f"steps_offset={steps_offset} puts the first of {steps} leading steps at training step "
+                             f"{idx[0]}, past the last ({n - 1}); lower steps_offset or steps")
+    else:  # trailing: N - k N / steps for k = 0..steps-1, rounded
+        # The float length of np.arange(N, 0, -N / steps) is steps + 1 for 62 of the step counts
+        # 1..1000 at N = 1000 (61, 103, 121, ...), the extra value a training step -1 (diffusers
+        # has that bug): the values are kept, their count is steps.
+        idx = np.round(np.arange(n, 0, -n / steps)[:steps]) - 1
+    times = (torch.from_numpy(np.array(idx, dtype=np.float64)) + 1) / n
+    return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
 
 
 def karras(steps: int, schedule: Schedule, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
