@@ -14,7 +14,7 @@ import torch
 from diffusion import FlowMatching, cli
 from diffusion._checks import check_on_device
 from diffusion.autoencoders import IdentityAutoencoder
-from diffusion.conditioning import Conditioning, LabelEmbedder, TextPrompts
+from diffusion.conditioning import LabelEmbedder, TextPrompts
 from diffusion.training import finite
 from diffusion.training.ema import EMA
 from diffusion.training.finite import FiniteLossCheck
@@ -140,7 +140,8 @@ def test_pixel_range_check_reads_the_first_batch_only():
         ae.encode(images.fill_(float("nan")))  # left to the non-finite loss check
     assert len(first.reads) == 1 and later.reads == [], later.report()
     # A later bad batch is still refused, with the values (at once on the CPU).
-    with pytest.raises(RuntimeError, match=r"IdentityAutoencoder.encode expects images in \[-1, 1\], got values in \[0, 255\]"):
+    expected = r"IdentityAutoencoder.encode expects images in \[-1, 1\], got values in \[0, 255\]"
+    with pytest.raises(RuntimeError, match=expected):
         ae.encode(torch.linspace(0, 255, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4))
 
 
@@ -242,9 +243,10 @@ def test_the_loss_check_waits_only_for_the_copies_it_reads(monkeypatch):
 
 def test_a_non_finite_loss_stops_the_run_two_steps_later_without_a_checkpoint(train_config, tmp_path):
     """NaN images at global step 2 (the third step): the check at the start of global step 4 stops the run."""
-    cfg = train_config("trainer.max_steps=10", "trainer.val_check_interval=100", "callbacks.checkpoint.every_n_train_steps=100",
+    cfg = train_config("trainer.max_steps=10", "trainer.val_check_interval=100",
+                       "callbacks.checkpoint.every_n_train_steps=100", COUNT,
                        "+callbacks.poison._target_=tests.conftest.PoisonBatch", "+callbacks.poison.rank=0",
-                       "+callbacks.poison.step=2", COUNT)
+                       "+callbacks.poison.step=2")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 2;"):
         cli.train(cfg)
     assert max(CountHostReadsInSteps.latest.reads) == 5  # the fifth step raised
