@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from diffusion._checks import check_on_device
 from diffusion.frozen import FrozenModule, weights_sha256
 
 # Images are expected in [-1, 1]; this margin only catches the common mistake of [0, 255] input.
@@ -27,6 +28,7 @@ class Autoencoder(FrozenModule, ABC):
     scale: float = 1.0
     shift: float = 0.0
     source: str = "config"
+    _checked_images: bool = False  # whether encode has had its first batch
 
     @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
@@ -69,9 +71,16 @@ class Autoencoder(FrozenModule, ABC):
             )
         if not images.is_floating_point():
             raise ValueError(f"{name}.encode expects float images in [-1, 1], got dtype {images.dtype}.")
-        if images.numel() and images.detach().abs().amax() > _IMAGE_RANGE_LIMIT:
-            lo, hi = float(images.amin()), float(images.amax())
-            raise ValueError(f"{name}.encode expects images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}].")
+        if images.numel():
+            # The first batch is read on the host, for a clear error on every device (the usual
+            # mistake, [0, 255] data, shows there); later ones on the device, so the host never
+            # waits. NaN passes: the non-finite loss check stops that run.
+            lo, hi = torch.aminmax(images.detach())
+            message = f"{name}.encode expects images in [-1, 1]"
+            check_on_device(~((lo < -_IMAGE_RANGE_LIMIT) | (hi > _IMAGE_RANGE_LIMIT)), message,
+                            lambda: f"{message}, got values in [{float(lo):.3g}, {float(hi):.3g}].",
+                            read=not self._checked_images)
+            self._checked_images = True
 
     def _check_latents(self, latents: Tensor) -> None:
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:

@@ -114,11 +114,11 @@ class TextPrompts(Conditioner):
         else:
             cond = self.encoder(list(batch["caption"]))
         has_caption = batch.get("has_caption")
-        if has_caption is not None and not bool(torch.as_tensor(has_caption).all()):
+        if has_caption is not None:  # every step, even when all have one: asking would wait on the device
             keep = torch.as_tensor(has_caption, device=cond.tokens.device).bool()
             null = self.null(len(keep), cond.tokens.device)
             cond = Conditioning(**{
-                name: torch.where(keep.view(-1, *[1] * (value.ndim - 1)), value, getattr(null, name))
+                name: torch.where(keep.view(-1, *[1] * (value.ndim - 1)), value, getattr(null, name).to(value.dtype))
                 for name, value in cond.items()
             })
         return cond

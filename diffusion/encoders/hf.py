@@ -82,8 +82,9 @@ class HFTextEncoder(TextEncoder):
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        ids = batch["input_ids"].to(self.device)
-        mask = batch["attention_mask"].to(self.device).bool()  # (B, L), True = real token
+        # Non-blocking: a blocking copy to an accelerator would wait for all the work queued there.
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        mask = batch["attention_mask"].to(self.device, non_blocking=True).bool()  # (B, L), True = real token
         out = self.model(input_ids=ids, attention_mask=mask.long())
         tokens: Tensor = out.last_hidden_state  # (B, L, D)
         if self.pooling == "none":

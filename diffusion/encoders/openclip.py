@@ -97,7 +97,8 @@ class OpenCLIPTextEncoder(TextEncoder):
         from open_clip.transformer import text_global_pool
 
         t = self._tower
-        ids = self.tokenizer(prompts, context_length=self.max_length).to(self.device)  # (B, L)
+        # (B, L); non-blocking: a blocking copy to an accelerator would wait for all the work queued there.
+        ids = self.tokenizer(prompts, context_length=self.max_length).to(self.device, non_blocking=True)
         L = ids.shape[1]
         cast = t.transformer.get_cast_dtype()
         x = t.token_embedding(ids).to(cast) + t.positional_embedding[:L].to(cast)

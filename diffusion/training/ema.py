@@ -21,10 +21,14 @@ class EMA(nn.Module):
             raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
         self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # n twice: the buffer goes into checkpoints; the host's copy gives each update its decay
+        # without reading the buffer from the device, which would make the host wait every step.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._num_updates = 0
+        self.register_load_state_dict_post_hook(_count_from_loaded_buffer)
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        n = self._num_updates
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -40,11 +44,17 @@ class EMA(nn.Module):
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(_whole(buffer))
         self.num_updates += 1
+        self._num_updates += 1
 
     def train(self, mode: bool = True) -> "EMA":
         super().train(mode)
         self.module.eval()  # the average is never trained; it stays in eval mode
         return self
+
+
+def _count_from_loaded_buffer(ema: EMA, incompatible_keys) -> None:
+    """After a state dict is loaded (a resume): the host's count from the loaded buffer, read once."""
+    ema._num_updates = int(ema.num_updates)
 
 
 def _alike(ema: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from diffusion.schedules import Schedule
 from diffusion.timesteps import TimeDistribution, Uniform
 from diffusion.training.checkpoint_io import check_frozen_weights, check_state_fits
 from diffusion.training.ema import EMA
+from diffusion.training.finite import FiniteLossCheck
 from diffusion.training.lr import warmup_then_decay
 from diffusion.training.optim import parameter_groups
 from diffusion.training.randomness import StepDraws, draw_step
@@ -112,9 +113,9 @@ class DiffusionModule(L.LightningModule):
         # global batch): the same on any number of processes and after a resume (randomness.py).
         self.seed = seed
         self._generator: torch.Generator | None = None
-        # The finiteness of the last training loss, checked one step late (or before a checkpoint
-        # is written) so that the host never waits on the device: (is finite, loss, step).
-        self._last_loss: tuple[Tensor, Tensor, int] | None = None
+        # Training losses are read two steps late (and before a checkpoint is written), so that the
+        # host never waits on the device for them (finite.py).
+        self._losses = FiniteLossCheck()
         # Fixed times of the validation loss, mid-points of [0, 1] bins, so runs are comparable.
         self.register_buffer("val_t", (torch.arange(val_times) + 0.5) / val_times, persistent=False)
         self.run_config: dict[str, Any] | None = None  # the resolved config, written into every checkpoint
@@ -153,7 +154,7 @@ class DiffusionModule(L.LightningModule):
         check_split_over_processes(self.trainer.train_dataloader, self.trainer.world_size)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._raise_if_last_loss_was_not_finite()
+        self._losses.check()
         x0 = self.latents(batch)
         draws = self._draws(x0, key=(self.seed, self._batch_position(batch_idx)), drop_probability=self.cond_dropout)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
@@ -161,7 +162,7 @@ class DiffusionModule(L.LightningModule):
         out = self.objective(partial(self.backbone, cond=cond), x0, t=draws.t, noise=draws.noise)
         # The global batch's loss: logged as one process would, and non-finite on every process if on one.
         loss = self._mean_over_processes(out.loss.detach())
-        self._last_loss = (torch.isfinite(loss), loss, self.global_step)
+        self._losses.record(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         return out.loss
 
@@ -190,18 +191,6 @@ class DiffusionModule(L.LightningModule):
         return draw_step(x0, self.objective.time_distribution, drop_probability, key=key,
                          first_position=self.global_rank * x0.shape[0], generator=self._generator)
 
-    def _raise_if_last_loss_was_not_finite(self) -> None:
-        if self._last_loss is None:
-            return
-        finite, loss, step = self._last_loss
-        self._last_loss = None
-        if not finite:  # the host waits here only for a loss the device finished a step ago
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {step}; training stops here and the last "
-                "checkpoint is left as it was. Lower optim.lr, raise warm-up, or clip gradients "
-                "(trainer.gradient_clip_val)."
-            )
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here, not in on_train_batch_end: checkpoint callbacks run before that hook and would
@@ -209,7 +198,7 @@ class DiffusionModule(L.LightningModule):
         self.ema.update(self.backbone)
 
     def on_train_end(self) -> None:
-        self._raise_if_last_loss_was_not_finite()
+        self._losses.check(wait_for_all=True)
 
     # --- validation: fixed times and fixed noise ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -282,7 +271,7 @@ class DiffusionModule(L.LightningModule):
         check_frozen_weights(self.frozen_weights(), checkpoint.get("frozen_weights"), source)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._raise_if_last_loss_was_not_finite()  # never write weights a non-finite loss has updated
+        self._losses.check(wait_for_all=True)  # never write weights a non-finite loss has updated
         checkpoint["run_config"] = self.run_config
         checkpoint["frozen_weights"] = self.frozen_weights()
 
