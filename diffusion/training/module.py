@@ -118,6 +118,7 @@ class DiffusionModule(L.LightningModule):
         self._losses = FiniteLossCheck()
         # Fixed times of the validation loss, mid-points of [0, 1] bins, so runs are comparable.
         self.register_buffer("val_t", (torch.arange(val_times) + 0.5) / val_times, persistent=False)
+        self._val_names = [f"val/loss_t{(i + 0.5) / val_times:.2f}" for i in range(val_times)]  # not read off val_t
         self.run_config: dict[str, Any] | None = None  # the resolved config, written into every checkpoint
 
     @property
@@ -163,7 +164,8 @@ class DiffusionModule(L.LightningModule):
         # The global batch's loss: logged as one process would, and non-finite on every process if on one.
         loss = self._mean_over_processes(out.loss.detach())
         self._losses.record(loss, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
+        # Not on the progress bar: Lightning would read it on the host after every batch.
+        self.log("train/loss", loss)
         return out.loss
 
     def _batch_position(self, batch_idx: int) -> int:
@@ -209,10 +211,10 @@ class DiffusionModule(L.LightningModule):
         noise = self._draws(x0, key=(VALIDATION_KEY, batch_idx), drop_probability=0.0).noise
         model = partial(self.ema.module, cond=cond)
         losses = []
-        for t in self.val_t:
+        for t, name in zip(self.val_t, self._val_names):
             out = self.objective(model, x0, t=t.expand(x0.shape[0]), noise=noise)
             losses.append(out.loss)
-            self.log(f"val/loss_t{t.item():.2f}", out.loss, batch_size=x0.shape[0], sync_dist=True)
+            self.log(name, out.loss, batch_size=x0.shape[0], sync_dist=True)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
 
     # --- sampling -----------------------------------------------------------------------
