@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -195,9 +196,10 @@ def test_a_cache_in_the_old_format_is_refused_with_a_message_to_re_encode(tmp_pa
         write_cache(samples, tmp_path, _identity, {})
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="forks DataLoader workers")
 def test_loader_workers_read_the_batches_the_sampler_chose(tmp_path):
     """Workers open the shards themselves (forked after the parent has read some, or spawned from
-    a pickled dataset), and every sample is the one the batch sampler chose."""
+    a pickled dataset, which carries no open file), and every sample is the one the sampler chose."""
     data = _samples(24, tokens=(5, 8))
     write_cache(data, tmp_path / "train", _identity, {}, shard_size=5)
     dataset = CachedDataset(tmp_path / "train")
@@ -206,10 +208,24 @@ def test_loader_workers_read_the_batches_the_sampler_chose(tmp_path):
     assert torch.equal(copy[12]["latent"], data[12]["latent"])
     loader = CachedDataModule(tmp_path, batch_size=4, seed=3).train_dataloader()
     expected = [default_collate([data[i] for i in indices]) for indices in loader.batch_sampler]
-    for context in ("fork", "spawn"):
-        batches = list(torch.utils.data.DataLoader(dataset, batch_sampler=loader.batch_sampler, num_workers=2,
-                                                   multiprocessing_context=context))
-        assert len(batches) == len(expected) == 6
-        for got, want in zip(batches, expected):
-            assert all(torch.equal(got[k], want[k]) for k in want), context
+    # Forked workers (spawned ones start from the pickled copy above, and take seconds to import torch).
+    batches = list(torch.utils.data.DataLoader(dataset, batch_sampler=loader.batch_sampler, num_workers=2,
+                                               multiprocessing_context="fork"))
+    assert len(batches) == len(expected) == 6
+    assert all(torch.equal(got[k], want[k]) for got, want in zip(batches, expected) for k in want)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(loader, expected) for k in b)  # the main process too
+
+
+@pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")  # steps run without a Trainer
+def test_the_cache_benchmark_trains_from_an_on_disk_cache_of_50_shards(tmp_path):
+    """benchmarks/cache_speed.py's disk part on a tiny model: 50 shards of 2 samples, written,
+    read through the data module's shuffled loader, checked equal to the in-memory batch, timed."""
+    spec = importlib.util.spec_from_file_location("cache_speed", ROOT / "benchmarks" / "cache_speed.py")
+    cache_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cache_speed)
+    result = cache_speed.disk_vs_memory(tmp_path, shards=50, shard_size=2, batch=2, rounds=2, steps=2,
+                                        cache_dtype="bfloat16", backbone="dit_tiny", latent=(4, 8, 8), tokens=(7, 16),
+                                        pooled=16)
+    assert len(list((tmp_path / "train").glob("shard_*.bin"))) == 50
+    assert result["disk_sps"] > 0 and result["memory_sps"] > 0
+    assert 0 < result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
