@@ -12,16 +12,20 @@ against the same samples held in memory.
    (default 64 x 16), each what ``cache.py`` stores for text-to-image at 256 px with SD's VAE and
    OpenCLIP ViT-H: a 4x32x32 latent, 77x1024 tokens, their mask and a 1024 pooled vector
    (random values, in ``--cache-dtype``). DiT-S/2 with cross-attention to the tokens trains from
-   it through ``CachedDataModule``'s shuffled loader (the batch sampler of training, a new epoch
-   each round), against the same samples, read from that cache once and held in memory as
-   tensors, batched by the same sampler: same model, same batches, same steps. Before each disk
-   round the shards are dropped from the page cache (fsync, then ``posix_fadvise(DONTNEED)``), so
-   its reads come from the disk (``--warm`` keeps them cached). Target (issue 10): >= 0.9x.
+   it through ``CachedDataModule``'s loader (the shuffled batch sampler of training), against the
+   same samples, read from that cache once and held in memory as tensors, batched by the same
+   sampler: same model, same batches. The two kinds take turns step by step (a pair of steps
+   trains on the same batch), and each step is timed with the fetching of its batch. Before each
+   step from disk the shards are dropped from the page cache (fsync, then
+   ``posix_fadvise(DONTNEED)``), so its reads come from the disk (``--warm`` keeps them cached).
+   Target (issue 10): >= 0.9x.
 
-Rounds alternate the order of the two kinds (A B, B A, ...), so a drifting load hits both alike;
-printed are the medians of the steps/s and of the per-round ratio.
+Rounds (pairs of steps in part 2) alternate the order of the two kinds (A B, B A, ...), so a
+drifting load hits both alike; printed are the medians of the steps/s and of the per-round ratio.
+The fetch times say what the ratio would be at another step time: on a shared CPU the step's
+noise is larger than the fetch.
 
-    python benchmarks/cache_speed.py [--batch 4] [--rounds 5] [--steps 5] [--threads 2]
+    python benchmarks/cache_speed.py [--batch 4] [--rounds 5] [--steps 20] [--threads 2]
                                      [--shards 64] [--shard-size 16] [--cache-dtype float32]
                                      [--workers 0] [--warm] [--dir DIR] [--backbone DiT-S/2]
                                      [--part both|on-the-fly|disk]
@@ -138,20 +142,21 @@ def drop_from_page_cache(paths: Iterable[Path]) -> None:
             os.close(fd)
 
 
-def disk_vs_memory(directory: Path, *, shards: int, shard_size: int, batch: int, rounds: int, steps: int,
+def disk_vs_memory(directory: Path, *, shards: int, shard_size: int, batch: int, steps: int,
                    cache_dtype: str = "float32", workers: int = 0, cold: bool = True, backbone: str = "DiT-S/2",
                    latent: tuple[int, ...] = LATENT, tokens: tuple[int, int] = TOKENS,
                    pooled: int = POOLED) -> dict[str, float]:
     """Steps/s training from an on-disk cache through the data module, and from the same samples
-    in memory; ``ratio`` is the median over rounds of disk / memory."""
+    in memory, ``steps`` steps of each, interleaved; ``ratio`` is the median over the pairs of
+    steps of disk / memory (the steps of a pair train on the same batch)."""
     samples = text_samples(shards * shard_size, latent, tokens, pooled)
     write_cache(samples, directory / "train", lambda b: b, {"dtype": cache_dtype}, shard_size=shard_size,
                 batch_size=shard_size, dtype=cache_dtype)
     del samples
     loader = CachedDataModule(directory, batch_size=batch, num_workers=workers, seed=0).train_dataloader()
     sampler, dataset = loader.batch_sampler, loader.dataset
-    if len(sampler) < steps:
-        raise ValueError(f"{len(sampler)} batches an epoch, fewer than --steps {steps}: add shards or lower --steps")
+    if len(sampler) < steps + 1:
+        raise ValueError(f"{len(sampler)} batches an epoch, fewer than --steps {steps} + 1: add shards or lower --steps")
     memory = default_collate([dataset[i] for i in range(len(dataset))])  # the cache's values, held as tensors
     module = DiffusionModule(build_dit(backbone, in_channels=latent[0], token_dim=tokens[1], pooled_dim=pooled),
                              FlowMatching(), conditioner=TextPrompts(NullTextEncoder(tokens, pooled)),
@@ -159,40 +164,32 @@ def disk_vs_memory(directory: Path, *, shards: int, shard_size: int, batch: int,
     step = trainer_step(module)
     shard_files = sorted((directory / "train").glob("shard_*.bin"))
 
-    fetching: dict[str, list[float]] = {"from disk": [], "in memory": []}  # seconds a round spent getting batches
+    sampler.set_epoch(0)  # one shuffled epoch, read both ways
+    batches = {"from disk": iter(loader),
+               "in memory": ({name: value[torch.as_tensor(indices)] for name, value in memory.items()}
+                             for indices in sampler)}
+    first = {name: next(it) for name, it in batches.items()}  # the same samples both ways, and a warm-up step
+    assert all(torch.equal(first["from disk"][k], v) for k, v in first["in memory"].items())
+    step(first["from disk"])
+    fetching: dict[str, list[float]] = {name: [] for name in batches}
 
-    def timed(name: str, batches: Iterable[dict[str, Any]]) -> float:
-        start = fetched = time.perf_counter()
-        fetch = 0.0
-        for i, b in enumerate(itertools.islice(batches, steps)):
-            fetch += time.perf_counter() - fetched
-            step(b, i)
-            fetched = time.perf_counter()
-        fetching[name].append(fetch)
-        return time.perf_counter() - start
+    def timed(name: str) -> Callable[[int], float]:
+        def one_step(i: int) -> float:
+            if cold and name == "from disk":
+                drop_from_page_cache(shard_files)
+            start = time.perf_counter()
+            b = next(batches[name])
+            fetching[name].append(time.perf_counter() - start)
+            return step(b, i + 1) + fetching[name][-1]
+        return one_step
 
-    def from_disk(epoch: int) -> float:
-        sampler.set_epoch(epoch)
-        if cold:
-            drop_from_page_cache(shard_files)
-        return timed("from disk", loader)
-
-    def from_memory(epoch: int) -> float:
-        sampler.set_epoch(epoch)
-        return timed("in memory", ({name: value[torch.as_tensor(indices)] for name, value in memory.items()}
-                                   for indices in sampler))
-
-    sampler.set_epoch(0)  # the same samples both ways, and a warm-up step
-    first_indices, first_batch = next(iter(sampler)), next(iter(loader))
-    assert all(torch.equal(first_batch[k], v[torch.as_tensor(first_indices)]) for k, v in memory.items())
-    step(first_batch)
-    times = alternate({"from disk": from_disk, "in memory": from_memory}, rounds)
+    times = alternate({name: timed(name) for name in batches}, steps)
     ratios = [m / d for d, m in zip(times["from disk"], times["in memory"])]
-    return {"disk_sps": steps / statistics.median(times["from disk"]),
-            "memory_sps": steps / statistics.median(times["in memory"]),
+    return {"disk_sps": 1 / statistics.median(times["from disk"]),
+            "memory_sps": 1 / statistics.median(times["in memory"]),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "disk_fetch_ms": 1e3 * statistics.median(fetching["from disk"]) / steps,
-            "memory_fetch_ms": 1e3 * statistics.median(fetching["in memory"]) / steps,
+            "disk_fetch_ms": 1e3 * statistics.median(fetching["from disk"]),
+            "memory_fetch_ms": 1e3 * statistics.median(fetching["in memory"]),
             "shard_bytes": sum(p.stat().st_size for p in shard_files)}
 
 
@@ -200,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5, help="steps a round from disk / in memory")
+    parser.add_argument("--steps", type=int, default=20, help="steps from disk and as many in memory, interleaved")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--shards", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=16)
@@ -228,15 +225,15 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         r = disk_vs_memory(Path(directory), shards=args.shards, shard_size=args.shard_size, batch=args.batch,
-                           rounds=args.rounds, steps=args.steps, cache_dtype=args.cache_dtype, workers=args.workers,
+                           steps=args.steps, cache_dtype=args.cache_dtype, workers=args.workers,
                            cold=not args.warm, backbone=args.backbone)
     print(f"on-disk cache: {args.shards} shards x {args.shard_size} samples of a {'x'.join(map(str, LATENT))} latent "
           f"and {'x'.join(map(str, TOKENS))} tokens in {args.cache_dtype}, {r['shard_bytes'] / 2 ** 20:.0f} MiB, "
           f"{'page cache dropped before each round' if not args.warm else 'page cache kept'}, {args.workers} workers; "
-          f"{args.backbone} text, batch {args.batch}, {args.steps} shuffled steps a round, median of {args.rounds}")
-    print(f"  from disk   {r['disk_sps']:.3f} steps/s, of a step {r['disk_fetch_ms']:.1f} ms fetching the batch")
-    print(f"  in memory   {r['memory_sps']:.3f} steps/s, of a step {r['memory_fetch_ms']:.1f} ms fetching the batch")
-    print(f"steps/s from disk / in memory: {r['ratio']:.3f}x (rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f}, "
+          f"{args.backbone} text, batch {args.batch}, {args.threads} threads, median of {args.steps} shuffled steps")
+    print(f"  from disk   {r['disk_sps']:.3f} steps/s, {r['disk_fetch_ms']:.1f} ms of a step fetching the batch")
+    print(f"  in memory   {r['memory_sps']:.3f} steps/s, {r['memory_fetch_ms']:.1f} ms of a step fetching the batch")
+    print(f"steps/s from disk / in memory: {r['ratio']:.3f}x (pairs of steps {r['ratio_min']:.3f}-{r['ratio_max']:.3f}, "
           f"target >= 0.9x): {'PASS' if r['ratio'] >= 0.9 else 'FAIL'}")
 
 

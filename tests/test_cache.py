@@ -223,7 +223,7 @@ def test_the_cache_benchmark_trains_from_an_on_disk_cache_of_50_shards(tmp_path)
     spec = importlib.util.spec_from_file_location("cache_speed", ROOT / "benchmarks" / "cache_speed.py")
     cache_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cache_speed)
-    result = cache_speed.disk_vs_memory(tmp_path, shards=50, shard_size=2, batch=2, rounds=2, steps=2,
+    result = cache_speed.disk_vs_memory(tmp_path, shards=50, shard_size=2, batch=2, steps=3,
                                         cache_dtype="bfloat16", backbone="dit_tiny", latent=(4, 8, 8), tokens=(7, 16),
                                         pooled=16)
     assert len(list((tmp_path / "train").glob("shard_*.bin"))) == 50
