@@ -229,3 +229,9 @@ def test_the_cache_benchmark_trains_from_an_on_disk_cache_of_50_shards(tmp_path)
     assert len(list((tmp_path / "train").glob("shard_*.bin"))) == 50
     assert result["disk_sps"] > 0 and result["memory_sps"] > 0
     assert 0 < result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
+
+
+def test_samples_of_a_shard_with_other_fields_or_dtypes_are_refused(tmp_path):
+    data = [{"latent": torch.zeros(2), "label": torch.tensor(0)}, {"latent": torch.zeros(2), "label": torch.tensor(1.5)}]
+    with pytest.raises(ValueError, match=r"sample 1 of a shard has the fields \{'latent': 'float32', 'label': 'float32'\}"):
+        write_cache(data, tmp_path, _identity, {}, batch_size=1)

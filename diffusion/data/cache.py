@@ -178,9 +178,9 @@ def _write_shard(path: Path, samples: list[dict[str, Tensor]]) -> None:
         shapes: list[list[int]] = []
         shape_of_sample: list[int] = []
         for j, sample in enumerate(samples):
-            if list(sample) != names:
-                raise ValueError(f"sample {j} of a shard has the fields {list(sample)}, the first one {names}: "
-                                 "encode must return the same fields for every sample")
+            if list(sample) != names or sample[name].dtype != samples[0][name].dtype:
+                raise ValueError(f"sample {j} of a shard has the fields {_fields(sample)}, the first one "
+                                 f"{_fields(samples[0])}: encode must return the same fields and dtypes for every sample")
             shape = list(sample[name].shape)
             if shape not in shapes:
                 shapes.append(shape)
@@ -197,6 +197,10 @@ def _write_shard(path: Path, samples: list[dict[str, Tensor]]) -> None:
             for name in names:
                 raw = sample[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                 f.write(raw + b"\0" * (_padded(len(raw)) - len(raw)))
+
+
+def _fields(sample: dict[str, Tensor]) -> dict[str, str]:
+    return {name: str(value.dtype).removeprefix("torch.") for name, value in sample.items()}
 
 
 def _latent_shapes(out: Path, num_shards: int) -> dict[str, Any]:
