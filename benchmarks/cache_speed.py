@@ -241,8 +241,8 @@ def main() -> None:
                            cold=not args.warm, backbone=args.backbone)
     print(f"on-disk cache: {args.shards} shards x {args.shard_size} samples of a {'x'.join(map(str, LATENT))} latent "
           f"and {'x'.join(map(str, TOKENS))} tokens in {args.cache_dtype}, {r['shard_bytes'] / 2 ** 20:.0f} MiB, "
-          f"{'page cache dropped before each round' if not args.warm else 'page cache kept'}, {args.workers} workers; "
-          f"{args.backbone} text, batch {args.batch}, {args.threads} threads, median of {args.steps} shuffled steps")
+          f"{'page cache dropped before each step' if not args.warm else 'page cache kept'}, {args.workers} workers; "
+          f"{args.backbone} text, batch {args.batch}, {args.threads} thread(s), median of {args.steps} shuffled steps")
     print(f"  from disk   {r['disk_sps']:.3f} steps/s, {r['disk_fetch_ms']:.1f} ms of a step fetching the batch")
     print(f"  in memory   {r['memory_sps']:.3f} steps/s, {r['memory_fetch_ms']:.1f} ms of a step fetching the batch")
     print(f"steps/s from disk / in memory: {r['ratio']:.3f}x (fetch wall + step CPU time; pairs of steps "
