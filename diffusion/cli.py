@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from diffusion.data.cache import CachedDataModule, write_cache
+from diffusion.data.cache import CachedDataModule, check_cache_dtype, write_cache
 from diffusion.images import save_grid
 from diffusion.loggers import resume_at
 from diffusion.runs import newest_checkpoint, newest_run, resume_checkpoint, run_of, write_launch_record
@@ -149,13 +149,15 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: i
 
 def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]:
     """What a cache of this configuration depends on: the encoders (their weights' hashes), the
-    data and its transforms, and the dtype; not the batch size or the loader's workers."""
+    data and its transforms, and the dtype it is stored in; not the batch size or the loader's workers."""
+    dtype = cfg.get("cache_dtype", "float32")
+    check_cache_dtype(dtype)
     data = OmegaConf.to_container(cfg.data.module, resolve=True)
     for key in ("batch_size", "num_workers"):
         data.pop(key, None)
     autoencoder = model.autoencoder.fingerprint() if model.autoencoder is not None else {"class": "none"}
     return {"autoencoder": autoencoder, "conditioner": model.conditioner.fingerprint(), "data": data,
-            "image_shape": list(model.image_shape), "dtype": "float32"}
+            "image_shape": list(model.image_shape), "dtype": dtype}
 
 
 def cache(cfg: DictConfig) -> Path:
@@ -173,7 +175,8 @@ def cache(cfg: DictConfig) -> Path:
         dataset = datamodule.dataset(split)
         if dataset is not None and len(dataset):
             write_cache(dataset, Path(cfg.cache_dir) / split, encode, fingerprint,
-                        shard_size=cfg.get("cache_shard_size", 1024), batch_size=cfg.data.module.batch_size)
+                        shard_size=cfg.get("cache_shard_size", 1024), batch_size=cfg.data.module.batch_size,
+                        dtype=fingerprint["dtype"])
     return Path(cfg.cache_dir)
 
 
