@@ -91,7 +91,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_module(cfg)
     model.run_config = resolved
     if datamodule is None:  # read the shards instead of running the encoders
-        datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model), seed=cfg.seed)
+        datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model),
+                                      num_workers=cfg.data.module.get("num_workers", 0), seed=cfg.seed)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks)  # loggers: once all is checked
     if cfg.get("global_batch_size"):

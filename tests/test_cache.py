@@ -51,6 +51,7 @@ def test_a_fingerprint_mismatch_is_refused_with_what_differs(train_config, tmp_p
     cli.cache(train_config(f"cache_dir={tmp_path / 'cache'}"))
     with pytest.raises(ValueError, match=r"other settings.*\n.*data:.*val_fraction"):
         cli.train(train_config(f"cache_dir={tmp_path / 'cache'}", "data.module.val_fraction=0.3"))
+    assert not (tmp_path / "run").exists()  # refused before the run directory is written to
     with pytest.raises(ValueError, match="conditioner"):
         cli.cache(train_config(f"cache_dir={tmp_path / 'cache'}", "conditioning=none"))
 

@@ -339,16 +339,21 @@ class CachedDataset(Dataset):
 
 class CachedDataModule(L.LightningDataModule):
     """Training batches from ``cache_dir/train`` (and ``cache_dir/val`` when present): dicts of
-    ``latent`` and the cached condition (``label`` or ``tokens``/``mask``/``pooled``)."""
+    ``latent`` and the cached condition (``label`` or ``tokens``/``mask``/``pooled``). The caches
+    are opened, and checked against ``fingerprint``, when the module is made: a missing cache or one
+    of other settings is refused before training starts."""
 
     def __init__(self, cache_dir: str | Path, batch_size: int = 32, fingerprint: dict[str, Any] | None = None,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.cache_dir, self.batch_size, self.fingerprint = Path(cache_dir), batch_size, fingerprint
         self.num_workers, self.seed = num_workers, seed
+        self.splits = {"train": CachedDataset(self.cache_dir / "train", fingerprint)}
+        if (self.cache_dir / "val" / "index.json").exists():
+            self.splits["val"] = CachedDataset(self.cache_dir / "val", fingerprint)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        data = CachedDataset(self.cache_dir / split, self.fingerprint)
+        data = self.splits[split]
         sampler = batch_sampler(self.trainer, data.shapes(), self.batch_size, train=train, seed=self.seed)
         return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
@@ -357,4 +362,4 @@ class CachedDataModule(L.LightningDataModule):
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", train=False) if (self.cache_dir / "val" / "index.json").exists() else []
+        return self._loader("val", train=False) if "val" in self.splits else []
