@@ -37,7 +37,6 @@ what the ratio would be at another step time, e.g. on a GPU.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
 import tempfile

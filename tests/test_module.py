@@ -14,7 +14,8 @@ from diffusion.backbones import build_dit
 from diffusion.conditioning import ClassLabels
 from diffusion.frozen import FrozenModule
 from diffusion.schedules import FlowMatching
-from diffusion.training.module import DiffusionModule, OptimConfig
+from diffusion.training.module import DiffusionModule
+from diffusion.training.optim import OptimConfig
 from diffusion.training.optim import parameter_groups
 from tests.conftest import compose_config
 from tests.make_captioned_folder import make_captioned_folder

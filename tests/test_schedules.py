@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion.samplers import SAMPLERS, grids
-from diffusion.schedules import DDPM, FlowMatching, Schedule, check_theory
+from diffusion.schedules import DDPM, FlowMatching, Schedule
 from diffusion.toy import GaussianMixture
 from tests.conftest import CONF, ROOT, compose_config
 from tests.theories import THEORIES, TrigFlow

@@ -4,7 +4,7 @@ loss, and owns the optimiser, the EMA of the weights and the sample grids. The p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -22,8 +22,7 @@ from diffusion.timesteps import TimeDistribution, Uniform
 from diffusion.training.checkpoint_io import check_frozen_weights, check_state_fits
 from diffusion.training.ema import EMA
 from diffusion.training.finite import FiniteLossCheck
-from diffusion.training.lr import warmup_then_decay
-from diffusion.training.optim import parameter_groups
+from diffusion.training.optim import OptimConfig, parameter_groups
 from diffusion.training.randomness import StepDraws, draw_step
 from diffusion.weighting import LossWeighting, NoWeighting
 
@@ -40,32 +39,6 @@ class SamplingConfig:
     every_n_steps: int = 0  # grids every N optimiser steps; 0: only at the end of training
     num_images: int = 64
     prompts: Sequence[str] | None = None  # text-conditioned models: the grids' prompts, a column each
-
-
-def _adamw() -> Callable[..., torch.optim.Optimizer]:
-    return partial(torch.optim.AdamW, lr=1e-3)
-
-
-@dataclass
-class OptimConfig:
-    """The optimiser (a partial taking the parameter groups, e.g. Hydra's ``_partial_: true``) and the
-    learning-rate schedule: linear warm-up, then constant, cosine or linear decay to
-    ``min_lr_ratio`` of the rate at ``trainer.max_steps``."""
-
-    optimizer: Callable[..., torch.optim.Optimizer] = field(default_factory=_adamw)
-    warmup_steps: int = 100
-    decay: str = "constant"
-    min_lr_ratio: float = 0.0
-
-    def lr_multiplier(self, max_steps: int | None) -> Callable[[int], float]:
-        """The multiplier of the base rate at each optimiser step; a decay needs the run's length."""
-        if self.decay != "constant" and (max_steps is None or max_steps <= 0):
-            raise ValueError(
-                f"model.optim.decay={self.decay!r} decays to the end of training, which needs trainer.max_steps > 0 "
-                f"(got {max_steps}); set trainer.max_steps, or model.optim.decay=constant"
-            )
-        return partial(warmup_then_decay, warmup_steps=self.warmup_steps, total_steps=max_steps or 0,
-                       decay=self.decay, min_ratio=self.min_lr_ratio)
 
 
 VALIDATION_KEY = -1  # keys the validation noise apart from any training draw

@@ -1,4 +1,5 @@
-"""Parameter groups for the optimiser: weight decay on weight matrices only.
+"""The optimiser of a run: its configuration (any optimiser, a warm-up and a decay of the rate),
+and parameter groups with weight decay on weight matrices only.
 
 Decaying norm scales, biases, embedding tables or positional tables pulls them towards zero
 for no regularising benefit (they hold offsets and lookups, not feature detectors), as in
@@ -8,9 +9,14 @@ decay with ``no_weight_decay() -> set of names`` (timm's convention).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
 
+import torch
 from torch import nn
+
+from diffusion.training.lr import warmup_then_decay
 
 #: Modules whose parameters are lookups or normalisation scales, never decayed.
 NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
@@ -29,3 +35,29 @@ def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
         keep = param.ndim <= 1 or id(param) in exempt or name in named_elsewhere
         (no_decay if keep else decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _adamw() -> Callable[..., torch.optim.Optimizer]:
+    return partial(torch.optim.AdamW, lr=1e-3)
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser (a partial taking the parameter groups, e.g. Hydra's ``_partial_: true``) and the
+    learning-rate schedule: linear warm-up, then constant, cosine or linear decay to
+    ``min_lr_ratio`` of the rate at ``trainer.max_steps``."""
+
+    optimizer: Callable[..., torch.optim.Optimizer] = field(default_factory=_adamw)
+    warmup_steps: int = 100
+    decay: str = "constant"
+    min_lr_ratio: float = 0.0
+
+    def lr_multiplier(self, max_steps: int | None) -> Callable[[int], float]:
+        """The multiplier of the base rate at each optimiser step; a decay needs the run's length."""
+        if self.decay != "constant" and (max_steps is None or max_steps <= 0):
+            raise ValueError(
+                f"model.optim.decay={self.decay!r} decays to the end of training, which needs trainer.max_steps > 0 "
+                f"(got {max_steps}); set trainer.max_steps, or model.optim.decay=constant"
+            )
+        return partial(warmup_then_decay, warmup_steps=self.warmup_steps, total_steps=max_steps or 0,
+                       decay=self.decay, min_ratio=self.min_lr_ratio)
