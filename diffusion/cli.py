@@ -131,6 +131,7 @@ def _task_overrides() -> list[str]:
 
 def _log_to_file(path: Path) -> logging.Handler:
     """The run's train.log, appended to (a resumed run continues it), as Hydra's job log writes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
