@@ -4,6 +4,7 @@ the parts here."""
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import warnings
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train, or resume (see diffusion.runs for which checkpoint and directory). Everything that can
     be refused is checked before the run directory is written to, so a command that fails leaves
     it as it was."""
-    # Hydra's root handler prints to the console; Lightning's own would print every message again.
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    # Hydra's root handler prints to the console (and ours to train.log); Lightning's own handlers
+    # would print every message a second time.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)  # until train.log is
+    logging.getLogger().addHandler(held)  # opened: a command that is refused writes none of its lines there
+    try:
+        return _train(cfg, held)
+    finally:
+        logging.getLogger().removeHandler(held)
+        if held.target is not None:
+            logging.getLogger().removeHandler(held.target)
+            held.target.close()
+        held.close()
+
+
+def _train(cfg: DictConfig, held: logging.handlers.MemoryHandler) -> dict[str, float]:
     run = Path(cfg.trainer.default_root_dir)
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run)
     L.seed_everything(cfg.seed, workers=True)
@@ -109,18 +125,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # From here on the run directory is written to.
     if trainer.is_global_zero:
         write_launch_record(run, resolved, _task_overrides(), ckpt_path, step)
-    file_log = _log_to_file(run / "train.log")
-    try:
-        loggers = [instantiate(c) for c in cfg.logger.values()]
-        if ckpt_path is not None:
-            resume_at(loggers, step)  # the logs continue at the checkpoint's step
-        trainer.loggers = loggers
-        for logger in loggers:
-            logger.log_hyperparams(resolved)
-        trainer.fit(model, datamodule, ckpt_path=ckpt_path, weights_only=True)
-    finally:
-        logging.getLogger().removeHandler(file_log)
-        file_log.close()
+    held.setTarget(_log_to_file(run / "train.log"))  # the lines so far, then every line as it comes
+    held.flush()
+    logging.getLogger().removeHandler(held)
+    logging.getLogger().addHandler(held.target)
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    if ckpt_path is not None:
+        resume_at(loggers, step)  # the logs continue at the checkpoint's step
+    trainer.loggers = loggers
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    trainer.fit(model, datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -134,7 +149,6 @@ def _log_to_file(path: Path) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    logging.getLogger().addHandler(handler)
     return handler
 
 

@@ -91,6 +91,8 @@ def test_ckpt_path_last_continues_the_newest_run_in_its_own_directory(tmp_path):
     first = run_script("train.py", *fast, "trainer.max_steps=2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     (run,) = [p.parent.parent for p in (tmp_path / "outputs").glob("*/*/checkpoints/last.ckpt")]
+    assert (first.stdout + first.stderr).count("`Trainer.fit` stopped") == 1  # each line printed once
+    assert "Seed set to 0" in (run / "train.log").read_text().splitlines()[0]  # lines from before the checks
     again = run_script("train.py", *fast, "trainer.max_steps=4", "ckpt_path=last", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [p.parent.parent for p in (tmp_path / "outputs").glob("*/*/checkpoints/last.ckpt")] == [run]
