@@ -88,8 +88,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logging.getLogger(name).propagate = True
     held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)  # until train.log is
     logging.getLogger().addHandler(held)  # opened: a command that is refused writes none of its lines there
+    run = Path(cfg.trainer.default_root_dir)
     try:
         return _train(cfg, held)
+    except Exception:
+        if run.is_dir() and not any(run.iterdir()):  # made by Hydra for a command refused before writing
+            run.rmdir()
+        raise
     finally:
         logging.getLogger().removeHandler(held)
         if held.target is not None:

@@ -140,6 +140,10 @@ def test_ckpt_path_last_without_any_run_says_so(tmp_path):
     result = run_script("train.py", *FAST, "ckpt_path=last", cwd=tmp_path)
     assert result.returncode != 0 and "no run with a checkpoint under" in result.stderr
     assert not (tmp_path / "outputs").exists()
+    given = tmp_path / "outputs" / "nope"
+    result = run_script("train.py", *FAST, f"hydra.run.dir={given}", "ckpt_path=last", cwd=tmp_path)
+    assert result.returncode != 0 and "holds no checkpoint" in result.stderr
+    assert not given.exists()  # no empty run directory left behind
 
 
 def test_a_fresh_start_in_a_directory_that_holds_a_run_is_refused(train_config, tmp_path):
