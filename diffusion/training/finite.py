@@ -64,6 +64,7 @@ class FiniteLossCheck:
                 self._copies.clear()
                 raise FloatingPointError(
                     f"non-finite training loss ({value}) at step {copy.step}; training stops here and the last "
-                    "checkpoint is left as it was. Lower model.optim.optimizer.lr, raise model.optim.warmup_steps, or clip gradients "
+                    "checkpoint is left as it was. Lower model.optim.optimizer.lr, raise model.optim.warmup_steps, "
+                    "or clip gradients "
                     "(trainer.gradient_clip_val)."
                 )
