@@ -42,7 +42,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def checkpoint_to_sample(path: str | Path | None) -> Path:
+def checkpoint_to_load(path: str | Path | None) -> Path:
     """``path``, or with None / "last" the newest checkpoint of the newest run under outputs/."""
     if path is None or str(path) == "last":
         return newest_checkpoint(newest_run())
@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     logging.getLogger().addHandler(held)  # opened: a command that is refused writes none of its lines there
     run = Path(cfg.trainer.default_root_dir)
     try:
-        return _train(cfg, held)
+        return _train(cfg, run, held)
     except Exception:
         if run.is_dir() and not any(run.iterdir()):  # made by Hydra for a command refused before writing
             run.rmdir()
@@ -103,8 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         held.close()
 
 
-def _train(cfg: DictConfig, held: logging.handlers.MemoryHandler) -> dict[str, float]:
-    run = Path(cfg.trainer.default_root_dir)
+def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> dict[str, float]:
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run)
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -218,7 +217,7 @@ def sample(cfg: DictConfig) -> Path:
         raise ValueError(f"num={cfg.num}: the number of images to sample must be >= 1")
     if cfg.labels is not None and cfg.get("prompts") is not None:
         raise ValueError("give labels= or prompts=, not both")
-    path = checkpoint_to_sample(cfg.ckpt)
+    path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path)
     given = "labels" if cfg.labels is not None else "prompts" if cfg.get("prompts") is not None else None
     takes = model.conditioner.takes
@@ -247,7 +246,7 @@ def export(cfg: DictConfig) -> Path:
     that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``)."""
     from safetensors.torch import save_file
 
-    path = checkpoint_to_sample(cfg.ckpt)
+    path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path)
     out = Path(cfg.out) if cfg.out else run_of(path) / "export"
     out.mkdir(parents=True, exist_ok=True)

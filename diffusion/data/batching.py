@@ -177,6 +177,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield [EpochIndex(i, self.epoch) for i in batch[self.rank * share:(self.rank + 1) * share].tolist()]
 
 
+def batches_processed(trainer: L.Trainer) -> int:
+    """The run's count of training batches before the current one, over all epochs and resumes:
+    the position in the stream of global batches that samplers and training draws follow."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+
 def batch_sampler(
     trainer: L.Trainer | None, groups: int | Sequence[Hashable], batch_size: int, *, train: bool, seed: int
 ) -> GlobalBatchSampler:
@@ -190,7 +196,7 @@ def batch_sampler(
         raise ValueError(_no_batch_message(sampler))
     if train and trainer is not None:
         # `processed`, not `completed`: checkpoints are written before Lightning completes the batch.
-        sampler.follow(lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        sampler.follow(lambda: batches_processed(trainer))
     return sampler
 
 

@@ -64,7 +64,7 @@ class SampleGrids(L.Callback):
     def _condition(self, pl_module: L.LightningModule) -> tuple[list | None, int | None, str | None]:
         """What the grid is conditioned on, its number of columns and a caption naming them."""
         num, prompts = pl_module.sampling.num_images, pl_module.sampling.prompts
-        if getattr(pl_module.conditioner, "takes", None) != "prompts":
+        if pl_module.conditioner.takes != "prompts":
             if prompts:
                 raise ValueError("model.sampling.prompts is set, but this model is not text-conditioned "
                                  f"({type(pl_module.conditioner).__name__}); leave it null")

@@ -65,6 +65,5 @@ class FiniteLossCheck:
                 raise FloatingPointError(
                     f"non-finite training loss ({value}) at step {copy.step}; training stops here and the last "
                     "checkpoint is left as it was. Lower model.optim.optimizer.lr, raise model.optim.warmup_steps, "
-                    "or clip gradients "
-                    "(trainer.gradient_clip_val)."
+                    "or clip gradients (trainer.gradient_clip_val)."
                 )

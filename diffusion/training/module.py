@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.conditioning import Conditioner, Unconditional, drop_condition
-from diffusion.data.batching import check_split_over_processes
+from diffusion.data.batching import batches_processed, check_split_over_processes
 from diffusion.frozen import FrozenModule
 from diffusion.objective import DiffusionObjective
 from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
@@ -147,7 +147,7 @@ class DiffusionModule(L.LightningModule):
         since a run stopped by max_steps is recorded as a finished epoch and would not continue it."""
         if self._trainer is None:
             return batch_idx
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        return batches_processed(self.trainer)  # Lightning counts a batch as processed after its step
 
     def _mean_over_processes(self, value: Tensor) -> Tensor:
         """One all-reduce, which the host does not wait on (Lightning's reduce adds a barrier)."""
