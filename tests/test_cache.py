@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import default_collate
 
 from diffusion import cli
@@ -32,12 +33,17 @@ def _same_loss(model, batch, seed=0):
     return model.objective(lambda x, tt: model.backbone(x, tt, cond), x0, t=t, noise=noise).loss
 
 
-def test_training_from_the_cache_matches_encoding_on_the_fly(train_config, tmp_path):
-    cfg = train_config(f"cache_dir={tmp_path / 'cache'}", "cache_shard_size=500")
+def _cache_and_read(cfg, cache_dir):
+    """Encode the configured data into ``cache_dir``; the model, the train split on the fly and from the cache."""
     cli.cache(cfg)
     model = cli.build_module(cfg)
-    source = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.data.module).dataset("train")
-    cached = CachedDataset(tmp_path / "cache" / "train", cli.cache_fingerprint(cfg, model))
+    source = instantiate(cfg.data.module).dataset("train")
+    return model, source, CachedDataset(cache_dir / "train", cli.cache_fingerprint(cfg, model))
+
+
+def test_training_from_the_cache_matches_encoding_on_the_fly(train_config, tmp_path):
+    cfg = train_config(f"cache_dir={tmp_path / 'cache'}", "cache_shard_size=500")
+    model, source, cached = _cache_and_read(cfg, tmp_path / "cache")
     assert len(cached) == len(source) and (tmp_path / "cache" / "val" / "index.json").exists()
     idx = [0, 7, 499, 500, 1000]  # across shards
     on_the_fly = default_collate([source[i] for i in idx])
@@ -136,10 +142,7 @@ def test_a_value_beyond_float16_is_refused_not_stored_as_infinity(tmp_path):
 
 def test_the_cache_dtype_is_in_the_fingerprint_and_an_unknown_one_is_refused(train_config, tmp_path):
     cfg = train_config(f"cache_dir={tmp_path / 'cache'}", "cache_dtype=bfloat16")
-    cli.cache(cfg)
-    model = cli.build_module(cfg)
-    source = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.data.module).dataset("train")
-    cached = CachedDataset(tmp_path / "cache" / "train", cli.cache_fingerprint(cfg, model))
+    model, source, cached = _cache_and_read(cfg, tmp_path / "cache")
     idx = [0, 7, 1000]
     from_cache, on_the_fly = default_collate([cached[i] for i in idx]), default_collate([source[i] for i in idx])
     assert from_cache["latent"].dtype == torch.float32
