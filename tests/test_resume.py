@@ -40,15 +40,20 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_extending_a_finished_run_in_its_directory_equals_an_uninterrupted_run(train_config, tmp_path):
-    """6 steps, then resumed in the same directory to 12: the log holds steps 0..11 once each with the
-    losses of a 12-step run, and the weights agree. Lightning records a run stopped by max_steps as
-    a finished epoch; the data and the draws follow the run's batch count, not that epoch."""
-    cli.train(train_config(*CONSTANT, "trainer.max_steps=12", run_dir=tmp_path / "straight"))
-    cli.train(train_config(*CONSTANT, "trainer.max_steps=6", run_dir=tmp_path / "run"))
-    cli.train(train_config(*CONSTANT, "trainer.max_steps=12", "ckpt_path=last", run_dir=tmp_path / "run"))
+@pytest.mark.parametrize("batch_size,first,total", [(16, 6, 12), (128, 15, 24), (128, 16, 24)])  # 128: 11 batches an epoch
+def test_extending_a_finished_run_in_its_directory_equals_an_uninterrupted_run(batch_size, first, total, train_config,
+                                                                               tmp_path):
+    """``first`` steps, then resumed in the same directory to ``total``: the log holds each step once
+    with the losses (and validation rows, at the same steps) of an uninterrupted run, and the
+    weights agree. Lightning records a run stopped by max_steps as a finished epoch; the data and
+    the draws follow the run's batch count, not that epoch. The second case stops in its second
+    epoch, with only the end-of-training checkpoint, whose step counter Lightning counts twice."""
+    common = [*CONSTANT, f"data.module.batch_size={batch_size}", "callbacks.checkpoint.every_n_train_steps=1000"]
+    cli.train(train_config(*common, f"trainer.max_steps={total}", run_dir=tmp_path / "straight"))
+    cli.train(train_config(*common, f"trainer.max_steps={first}", run_dir=tmp_path / "run"))
+    cli.train(train_config(*common, f"trainer.max_steps={total}", "ckpt_path=last", run_dir=tmp_path / "run"))
     straight, extended = _rows(tmp_path / "straight"), _rows(tmp_path / "run")
-    assert sorted(logged_losses(tmp_path / "run")) == list(range(12))
+    assert sorted(logged_losses(tmp_path / "run")) == list(range(total))
     _same_log(straight, extended)
     final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     reference = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -127,6 +127,14 @@ class DiffusionModule(L.LightningModule):
     def on_train_start(self) -> None:
         check_split_over_processes(self.trainer.train_dataloader, self.trainer.world_size)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning logs under its count of optimiser steps, which it restores one ahead from a
+        # checkpoint saved at a validation or at the end of training (it assumes a save inside the
+        # batch): keep it equal to the steps taken, so a resumed run logs each step under its number.
+        loop = self.trainer.fit_loop.epoch_loop
+        if loop._batches_that_stepped != self.global_step:
+            loop._batches_that_stepped = self.global_step
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._losses.check()
         x0 = self.latents(batch)
