@@ -60,6 +60,14 @@ def test_a_decaying_rate_without_max_steps_is_refused(train_config, tmp_path):
     cli.train(train_config(*epochs, "model.optim.decay=constant", run_dir=tmp_path / "constant"))  # by epochs: fine
 
 
+def test_a_bad_learning_rate_schedule_is_refused_before_the_run_directory_is_made(train_config, tmp_path):
+    with pytest.raises(Exception, match=r"model.optim.decay='cosinee' is not supported; allowed values: 'constant'"):
+        cli.train(train_config("model.optim.decay=cosinee"))
+    with pytest.raises(Exception, match=r"model.optim.min_lr_ratio <= 1, got 200 and 2.0"):
+        cli.train(train_config("model.optim.warmup_steps=200", "model.optim.min_lr_ratio=2.0"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture
 def trained(train_config, tmp_path) -> Path:
     cli.train(train_config())

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from diffusion.training.lr import warmup_then_decay
+from diffusion._checks import check_choice
+from diffusion.training.lr import LR_DECAYS, warmup_then_decay
 
 #: Modules whose parameters are lookups or normalisation scales, never decayed.
 NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
@@ -51,6 +52,12 @@ class OptimConfig:
     warmup_steps: int = 100
     decay: str = "constant"
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:  # when the model is built, before a run directory is written to
+        check_choice("model.optim.decay", self.decay, LR_DECAYS)
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"need model.optim.warmup_steps >= 0 and 0 <= model.optim.min_lr_ratio <= 1, got "
+                             f"{self.warmup_steps} and {self.min_lr_ratio}")
 
     def lr_multiplier(self, max_steps: int | None) -> Callable[[int], float]:
         """The multiplier of the base rate at each optimiser step; a decay needs the run's length."""
