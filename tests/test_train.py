@@ -67,6 +67,12 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         module.setup()
         assert tuple(node.image_shape) == tuple(module.image_shape)
     elif group in ("conditioning", "experiment"):
+        if cfg.get("vae") is not None and cfg.vae.get("pretrained"):
+            # A recipe with a hub VAE (nothing downloads here): its choices checked as composed, then
+            # built with the random tiny VAE and backbone of the same architectures.
+            assert cfg.vae.pretrained.startswith("stabilityai/") and cfg.vae.scaling_factor is None
+            cfg = compose_config("train", [f"{group}={option}", *extra, "vae=tiny_sd", "backbone=dit_tiny"], tmp_path)
+            assert cfg.vae.pretrained is None and cfg.backbone.name == "dit_tiny"  # the overrides won
         model = cli.build_module(cfg)
         assert type(model.conditioner).__name__ == cfg.conditioning.conditioner._target_.rsplit(".", 1)[1]
     elif group in ("logger", "callbacks"):
