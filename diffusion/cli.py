@@ -124,6 +124,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     if ckpt_path is not None:  # another model's checkpoint, or other frozen encoders: refused here
         checkpoint = read_checkpoint(ckpt_path)
         model.check_checkpoint(checkpoint, f"checkpoint {ckpt_path}")
+        if (data_state := checkpoint.get(type(datamodule).__qualname__)) is not None:
+            datamodule.load_state_dict(data_state)  # as fit will: other class names are refused here
         step = int(checkpoint["global_step"])
         del checkpoint
 

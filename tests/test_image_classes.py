@@ -255,13 +255,18 @@ def test_a_checkpoint_of_other_classes_is_refused(trained, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run directory is written to
 
 
-def test_resuming_with_other_class_names_is_refused(trained, tmp_path):
-    _, _, ckpt = trained
+def test_resuming_needs_the_same_class_names(trained, tmp_path):
+    root, _, ckpt = trained
+    same = ["experiment=imagenet256_dit_xl_2_tiny", f"data.module.root={root}", f"ckpt_path={ckpt}", "logger=none",
+            "trainer.max_steps=6", "trainer.enable_progress_bar=false"]
+    cli.train(compose_config("train", same, tmp_path / "resumed"))
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     renamed = make_class_folder(tmp_path / "renamed", classes=4, per_class=4, size=(40, 36), seed=5)
     cfg = compose_config("train", ["experiment=imagenet256_dit_xl_2_tiny", f"data.module.root={renamed}",
                                    f"ckpt_path={ckpt}", "logger=none", "trainer.max_steps=6"], tmp_path / "run")
-    with pytest.raises(ValueError, match=r"other class names.*0: checkpoint 'n\d{8}', data 'n\d{8}'"):
+    with pytest.raises(ValueError, match=r"other classes than the data's.*0: checkpoint 'n\d{8}', data 'n\d{8}'"):
         cli.train(cfg)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is written to
 
 
 # --- caching ---------------------------------------------------------------------------------

@@ -248,8 +248,11 @@ class ClassNamesRecord:
         if saved is not None and self.class_names is not None and list(saved) != list(self.class_names):
             differ = [f"{i}: checkpoint {a!r}, data {b!r}" for i, (a, b) in enumerate(zip(saved, self.class_names))
                       if a != b]
-            raise ValueError("the checkpoint to resume from was trained with other class names than the data's "
-                             f"(label: ...): {'; '.join(differ[:5])}; resume on the run's class folder, or train a new model")
+            if len(saved) != len(self.class_names):
+                differ.insert(0, f"{len(saved)} classes in the checkpoint, {len(self.class_names)} in the data")
+            raise ValueError("the checkpoint to resume from was trained on other classes than the data's, so its "
+                             f"labels would mean other classes: {'; '.join(differ[:5])}; resume on the run's class "
+                             "folder (its names are in the run's classes.json), or train a new model")
 
     def record_class_names(self) -> None:
         trainer = getattr(self, "trainer", None)
