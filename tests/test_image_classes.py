@@ -77,7 +77,8 @@ def test_labels_follow_the_sorted_class_names_and_images_are_adm_preprocessed(tm
         name = Path(item["path"]).relative_to(root).parts[0]
         assert item["label"].dtype == torch.int64 and int(item["label"]) == sorted(written).index(name)
         with Image.open(item["path"]) as img:
-            expected = torch.from_numpy(_adm_reference(img.convert("RGB"), 32).copy()).permute(2, 0, 1).float() / 127.5 - 1
+            reference = _adm_reference(img.convert("RGB"), 32).copy()
+        expected = torch.from_numpy(reference).permute(2, 0, 1).float() / 127.5 - 1
         torch.testing.assert_close(item["image"], expected, rtol=0, atol=1e-6)
         centre = ((item["image"][:, 16, 16] + 1) * 127.5).round()
         colours = torch.tensor([class_colour(k, 4) for k in range(4)], dtype=torch.float32)
@@ -283,7 +284,8 @@ def test_cache_round_trip_writes_latents_and_labels_and_trains_without_the_image
     source = instantiate(cfg.data.module).dataset("train")
     cached = CachedDataset(tmp_path / "cache" / "train", fingerprint)
     assert len(cached) == len(source) == 12 and len(CachedDataset(tmp_path / "cache" / "val", fingerprint)) == 4
-    on_the_fly, from_cache = default_collate([source[i] for i in range(6)]), default_collate([cached[i] for i in range(6)])
+    on_the_fly = default_collate([source[i] for i in range(6)])
+    from_cache = default_collate([cached[i] for i in range(6)])
     assert set(from_cache) == {"latent", "label"} and from_cache["latent"].shape == (6, 4, 4, 4)
     assert torch.equal(from_cache["label"], on_the_fly["label"])
     torch.testing.assert_close(from_cache["latent"], model.latents(on_the_fly), rtol=0, atol=0)

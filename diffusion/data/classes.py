@@ -177,6 +177,9 @@ class ImageClassDataset(Dataset):
     :class:`~diffusion.data.captions.ImageCaptionDataset` draws it: each sample is flipped the same
     way whatever the worker, the number of workers or processes, and after a resume.
 
+    Decoding is :func:`~diffusion.data.images.load_rgb`'s: EXIF-upright, transparency on white
+    (ADM and DiT's loaders only convert to RGB; the two differ on such files alone).
+
     An image that fails to decode is counted and replaced by the next readable image of its class,
     so the batch stays full and the label true; the count lives in shared memory (DataLoader
     workers add up to one total), and more bad files than ``max_bad_fraction`` stops the run.
@@ -296,7 +299,8 @@ class ImageClassDataModule(ClassNamesRecord, L.LightningDataModule):
         if self.val_root is not None:
             val_names = find_classes(self.val_root, "data.module.val_root", self.image_exts)
             if val_names != self.class_names:
-                missing, extra = sorted(set(self.class_names) - set(val_names)), sorted(set(val_names) - set(self.class_names))
+                missing = sorted(set(self.class_names) - set(val_names))
+                extra = sorted(set(val_names) - set(self.class_names))
                 raise ValueError(f"data.module.val_root {self.val_root} must hold the same classes as data.module.root "
                                  f"{self.root}: missing from val_root {missing[:5] or 'none'}, only in val_root "
                                  f"{extra[:5] or 'none'}; a label must mean the same class in both")
