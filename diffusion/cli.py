@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from diffusion.data.cache import CachedDataModule, check_cache_dtype, write_cache
+from diffusion.data.classes import write_class_names
 from diffusion.images import save_grid
 from diffusion.loggers import resume_at
 from diffusion.runs import newest_checkpoint, newest_run, resume_checkpoint, run_of, write_launch_record
@@ -123,6 +124,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     if ckpt_path is not None:  # another model's checkpoint, or other frozen encoders: refused here
         checkpoint = read_checkpoint(ckpt_path)
         model.check_checkpoint(checkpoint, f"checkpoint {ckpt_path}")
+        if (data_state := checkpoint.get(type(datamodule).__qualname__)) is not None:
+            datamodule.load_state_dict(data_state)  # as fit will: other class names are refused here
         step = int(checkpoint["global_step"])
         del checkpoint
 
@@ -197,6 +200,8 @@ def cache(cfg: DictConfig) -> Path:
             write_cache(dataset, Path(cfg.cache_dir) / split, encode, fingerprint,
                         shard_size=cfg.get("cache_shard_size", 1024), batch_size=cfg.data.module.batch_size,
                         dtype=fingerprint["dtype"])
+    if (class_names := getattr(datamodule, "class_names", None)) is not None:  # a run from the cache keeps them
+        write_class_names(cfg.cache_dir, class_names)
     return Path(cfg.cache_dir)
 
 

@@ -17,6 +17,7 @@ from diffusion import cli
 from diffusion.objective import DiffusionObjective
 from tests.conftest import CONF, FAST, ROOT, compose_config, logged_losses, run_script
 from tests.make_captioned_folder import make_captioned_folder
+from tests.make_class_folder import make_class_folder
 
 
 def _options(group: str) -> list[str]:
@@ -32,6 +33,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
     extra = []
     if option == "image_folder":
         extra = [f"data.module.root={make_captioned_folder(tmp_path / 'images')}", "data.module.batch_size=2"]
+    if option == "image_classes":
+        extra = [f"data.module.root={make_class_folder(tmp_path / 'classes', classes=3)}", "data.num_classes=3",
+                 "data.module.batch_size=2"]
     if option in ("text", "t2i_tiny"):
         extra.append("text_encoder=openclip_tiny")
     if option == "t2i_tiny":

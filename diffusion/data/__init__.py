@@ -6,6 +6,7 @@ from diffusion.data.batching import GlobalBatchSampler
 from diffusion.data.buckets import make_buckets
 from diffusion.data.cache import CachedDataModule, CachedDataset, write_cache
 from diffusion.data.captions import ImageCaptionDataModule, ImageCaptionDataset
+from diffusion.data.classes import ImageClassDataModule, ImageClassDataset, center_crop_arr
 from diffusion.data.digits import DigitsDataModule, load_digits_split
 
 __all__ = [
@@ -15,6 +16,9 @@ __all__ = [
     "GlobalBatchSampler",
     "ImageCaptionDataModule",
     "ImageCaptionDataset",
+    "ImageClassDataModule",
+    "ImageClassDataset",
+    "center_crop_arr",
     "load_digits_split",
     "make_buckets",
     "write_cache",

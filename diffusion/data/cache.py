@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from diffusion.data.batching import batch_sampler
+from diffusion.data.classes import ClassNamesRecord, read_class_names
 
 log = logging.getLogger(__name__)
 
@@ -337,11 +338,12 @@ class CachedDataset(Dataset):
         return [tuple(self._shapes[j]) for j in self._shape_of_sample]
 
 
-class CachedDataModule(L.LightningDataModule):
+class CachedDataModule(ClassNamesRecord, L.LightningDataModule):
     """Training batches from ``cache_dir/train`` (and ``cache_dir/val`` when present): dicts of
     ``latent`` and the cached condition (``label`` or ``tokens``/``mask``/``pooled``). The caches
     are opened, and checked against ``fingerprint``, when the module is made: a missing cache or one
-    of other settings is refused before training starts."""
+    of other settings is refused before training starts. A cache of a class folder carries its
+    class names (``classes.json``), which the run keeps as the folder's module would."""
 
     def __init__(self, cache_dir: str | Path, batch_size: int = 32, fingerprint: dict[str, Any] | None = None,
                  num_workers: int = 0, seed: int = 0):
@@ -351,6 +353,11 @@ class CachedDataModule(L.LightningDataModule):
         self.splits = {"train": CachedDataset(self.cache_dir / "train", fingerprint)}
         if (self.cache_dir / "val" / "index.json").exists():
             self.splits["val"] = CachedDataset(self.cache_dir / "val", fingerprint)
+        self.class_names = read_class_names(self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":
+            self.record_class_names()
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         data = self.splits[split]
