@@ -122,10 +122,12 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     step, initial = 0, None
     if ckpt_path is not None:  # another model's checkpoint, or other frozen encoders: refused here
         checkpoint = read_checkpoint(ckpt_path)
+        converted = "converted_from" in checkpoint  # released weights (convert.py)
+        if converted:
+            check_converted_backbone(cfg, checkpoint, ckpt_path)
         model.check_checkpoint(checkpoint, f"checkpoint {ckpt_path}")
         step = int(checkpoint["global_step"])
-        if "converted_from" in checkpoint:  # released weights (convert.py): no optimiser or loop state to
-            check_converted_backbone(cfg, checkpoint, ckpt_path)  # resume, so a new run starts from them
+        if converted:  # no optimiser or loop state to resume: a new run starts from its weights
             initial, ckpt_path = checkpoint["state_dict"], None
         del checkpoint
 
