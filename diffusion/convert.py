@@ -74,7 +74,12 @@ def read_released(path: str | os.PathLike) -> tuple[dict[str, Tensor], Any, str 
         raise FileNotFoundError(f"src={path} does not exist; pass the released .pt file (e.g. DiT-XL-2-256x256.pt)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:  # memory-mapped: the weights are read once, when converted
+                raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # a file of torch's legacy (pre-zip) format cannot be mapped
+                if "mmap" not in str(e):
+                    raise
+                raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not checkpoints
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"src={path} is not a readable torch checkpoint (torch.load: {reason})") from e

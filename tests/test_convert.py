@@ -151,12 +151,13 @@ def test_converted_dit_predicts_the_official_eps_at_the_integer_step(dit):
     assert (plain - ours_499).abs().max() > 1e-3 and (shifted - ours_499).abs().max() > 1e-3
 
 
-def test_converted_sit_predicts_minus_the_official_velocity_at_one_minus_t(tmp_path):
+@pytest.mark.parametrize("learn_sigma", [True, False])  # the released SiT-XL/2 has it, like DiT
+def test_converted_sit_predicts_minus_the_official_velocity_at_one_minus_t(learn_sigma, tmp_path):
     """SiT's forward is DiT's on its time (1 at the data), its first C channels kept; ours at
     t = 1 - t_sit predicts our velocity xT - x0, minus SiT's x1 - x0."""
-    state = official_state(zero_variance=True)
+    state = official_state(learn_sigma=learn_sigma, zero_variance=learn_sigma)
     model = cli.load_module(converted(tmp_path, state, "SiT-tiny.pt"))
-    ours, reference = model.ema.module, diffusers_reference(state)
+    ours, reference = model.ema.module, diffusers_reference(state, learn_sigma=learn_sigma)
     x, labels = inputs()
     for t_sit in (0.0, 0.03, 0.5, 0.97, 1.0):
         t = torch.full((3,), t_sit, dtype=torch.float64)
