@@ -20,7 +20,14 @@ from torch import Tensor
 from diffusion.data.cache import CachedDataModule, check_cache_dtype, write_cache
 from diffusion.images import save_grid
 from diffusion.loggers import resume_at
-from diffusion.runs import newest_checkpoint, newest_run, resume_checkpoint, run_of, write_launch_record
+from diffusion.runs import (
+    in_slurm_job,
+    newest_checkpoint,
+    newest_run,
+    resume_checkpoint,
+    run_of,
+    write_launch_record,
+)
 from diffusion.training.module import DiffusionModule
 
 # The EMA copy is kept in eval mode on purpose.
@@ -122,12 +129,18 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     step, initial = 0, None
     if ckpt_path is not None:  # another model's checkpoint, or other frozen encoders: refused here
         checkpoint = read_checkpoint(ckpt_path)
-        converted = "converted_from" in checkpoint  # released weights (convert.py)
+        if "converted_from" in checkpoint and (existing := newest_checkpoint(run)) is not None:
+            if not in_slurm_job():  # it would start that run again from step 0, over its checkpoints
+                raise FileExistsError(f"the run directory {run} already holds a run ({existing.relative_to(run)}); "
+                                      "continue it with ckpt_path=last, or start from the converted weights in "
+                                      "another directory (leave out hydra.run.dir)")
+            ckpt_path, checkpoint = existing, read_checkpoint(existing)  # a requeued fine-tune continues itself
+        converted = "converted_from" in checkpoint  # released weights (convert.py): a new run starts from them
         if converted:
             check_converted_backbone(cfg, checkpoint, ckpt_path)
         model.check_checkpoint(checkpoint, f"checkpoint {ckpt_path}")
         step = int(checkpoint["global_step"])
-        if converted:  # no optimiser or loop state to resume: a new run starts from its weights
+        if converted:  # it holds no optimiser or loop state that Lightning could resume
             initial, ckpt_path = checkpoint["state_dict"], None
         del checkpoint
 

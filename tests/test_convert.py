@@ -184,7 +184,7 @@ def test_a_converted_checkpoint_carries_its_source_and_samples(dit, tmp_path):
     assert images.shape == (2, 3, 32, 32) and np.isfinite(images).all()
 
 
-def test_fine_tuning_from_a_converted_checkpoint_starts_from_its_weights_at_step_zero(tmp_path):
+def test_fine_tuning_from_a_converted_checkpoint_starts_from_its_weights_at_step_zero(tmp_path, monkeypatch):
     """train.py ckpt_path=converted.ckpt: Lightning cannot resume it (no optimiser or loop states), so a
     new run starts from its weights. With lr 0 they stay as they were: the run's last checkpoint
     holds the converted weights, after 2 steps counted from 0."""
@@ -206,6 +206,15 @@ def test_fine_tuning_from_a_converted_checkpoint_starts_from_its_weights_at_step
     for key in ("backbone.blocks.1.mlp.fc1.weight", "ema.module.final_layer.linear.weight", "backbone.y_embedder.table.weight"):
         torch.testing.assert_close(last["state_dict"][key], start[key], rtol=0, atol=1e-7)
     assert (run / ".hydra" / "config.yaml").is_file() and not (run / ".hydra" / "resumed").exists()  # a new run
+    # The same command again in that directory would restart it from step 0 over its checkpoints: refused,
+    # unless it is a requeued SLURM job, which continues its own run.
+    again = [*FAST, *theory, *needs, f"ckpt_path={ckpt}", "model.optim.optimizer.lr=0", "model.optim.warmup_steps=0"]
+    with pytest.raises(FileExistsError, match="already holds a run .*continue it with ckpt_path=last"):
+        cli.train(compose_config("train", again, run))
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    cli.train(compose_config("train", [*again, "trainer.max_steps=3"], run))
+    assert cli.read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert (run / ".hydra" / "resumed" / "step_0000002").is_dir()
 
 
 def test_train_py_saves_are_read_with_their_args_and_the_ema_preferred(tmp_path):
