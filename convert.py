@@ -1,5 +1,5 @@
 """Released DiT / SiT weights as a checkpoint of this project: python convert.py src=FILE.pt out=FILE.ckpt
-[format=auto|dit|sit] [overrides='[vae=...]'] [num_heads=N]; then sample.py ckpt=FILE.ckpt."""
+[format=auto|dit|sit] ['overrides=["vae=..."]'] [num_heads=N]; then sample.py ckpt=FILE.ckpt."""
 
 import hydra
 from omegaconf import DictConfig

@@ -193,13 +193,15 @@ def time_map(fmt: str, num_steps: int | None) -> dict[str, float]:
 
 
 def to_ours(state: dict[str, Tensor], sizes: Sizes, fmt: str) -> dict[str, Tensor]:
-    """Their state dict in our DiT's names (float32, contiguous); SiT's prediction rows negated."""
-    ours = {RENAMES.get(k, k): v.float().contiguous().clone() for k, v in state.items() if k != "pos_embed"}
+    """Their state dict in our DiT's names (float32); SiT's prediction rows negated (on a copy: the
+    source may be memory-mapped)."""
+    ours = {RENAMES.get(k, k): v.float() for k, v in state.items() if k != "pos_embed"}
     if fmt == "sit":  # our velocity xT - x0 is minus SiT's x1 - x0 (x1 its data): negate the prediction rows
         out_channels = 2 * sizes.in_channels if sizes.learn_sigma else sizes.in_channels
         predicted = (torch.arange(ours["final_layer.linear.bias"].shape[0]) % out_channels) < sizes.in_channels
-        for key in ("final_layer.linear.weight", "final_layer.linear.bias"):  # rows are (p q c), c fastest
-            ours[key][predicted] *= -1
+        sign = 1 - 2 * predicted.float()  # rows are (p q c), c fastest
+        ours["final_layer.linear.weight"] = ours["final_layer.linear.weight"] * sign[:, None]
+        ours["final_layer.linear.bias"] = ours["final_layer.linear.bias"] * sign
     return ours
 
 
@@ -250,7 +252,7 @@ def convert(cfg: DictConfig) -> Path:
     latent = model.image_shape
     if latent[0] != sizes.in_channels:
         raise ValueError(f"src={src} takes {sizes.in_channels} latent channels, the run's vae gives {latent[0]}; "
-                         "pass the autoencoder it was trained with (overrides=[vae=...])")
+                         """pass the autoencoder it was trained with ('overrides=["vae=..."]')""")
     given_resolution = any(o.startswith("data.module.resolution=") for o in user)
     if sizes.grid is not None and latent[1] != sizes.grid * sizes.patch_size and not given_resolution:
         # Trained at another resolution (DiT-XL-2-512x512.pt): the run's data and samples take it.
