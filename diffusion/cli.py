@@ -21,7 +21,14 @@ from diffusion.data.cache import CachedDataModule, check_cache_dtype, write_cach
 from diffusion.data.classes import write_class_names
 from diffusion.images import save_grid
 from diffusion.loggers import resume_at
-from diffusion.runs import newest_checkpoint, newest_run, resume_checkpoint, run_of, write_launch_record
+from diffusion.runs import (
+    in_slurm_job,
+    newest_checkpoint,
+    newest_run,
+    resume_checkpoint,
+    run_of,
+    write_launch_record,
+)
 from diffusion.training.module import DiffusionModule
 
 # The EMA copy is kept in eval mode on purpose.
@@ -120,13 +127,24 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
         datamodule.batch_size = per_device_batch_size(cfg.global_batch_size, trainer.world_size,
                                                       trainer.accumulate_grad_batches)
     model.optim.lr_multiplier(trainer.max_steps)  # a decaying rate without max_steps is refused here
-    step = 0
+    step, initial = 0, None
     if ckpt_path is not None:  # another model's checkpoint, or other frozen encoders: refused here
         checkpoint = read_checkpoint(ckpt_path)
+        if "converted_from" in checkpoint and (existing := newest_checkpoint(run)) is not None:
+            if not in_slurm_job():  # it would start that run again from step 0, over its checkpoints
+                raise FileExistsError(f"the run directory {run} already holds a run ({existing.relative_to(run)}); "
+                                      "continue it with ckpt_path=last, or start from the converted weights in "
+                                      "another directory (leave out hydra.run.dir)")
+            ckpt_path, checkpoint = existing, read_checkpoint(existing)  # a requeued fine-tune continues itself
+        converted = "converted_from" in checkpoint  # released weights (convert.py): a new run starts from them
+        if converted:
+            check_converted_backbone(cfg, checkpoint, ckpt_path)
         model.check_checkpoint(checkpoint, f"checkpoint {ckpt_path}")
         if (data_state := checkpoint.get(type(datamodule).__qualname__)) is not None:
             datamodule.load_state_dict(data_state)  # as fit will: other class names are refused here
         step = int(checkpoint["global_step"])
+        if converted:  # it holds no optimiser or loop state that Lightning could resume
+            initial, ckpt_path = checkpoint["state_dict"], None
         del checkpoint
 
     # From here on the run directory is written to.
@@ -142,8 +160,23 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     trainer.loggers = loggers
     for logger in loggers:
         logger.log_hyperparams(resolved)
+    if initial is not None:
+        model.load_state_dict(initial)
+        del initial
     trainer.fit(model, datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def check_converted_backbone(cfg: DictConfig, checkpoint: dict[str, Any], path: str | Path) -> None:
+    """The backbone settings a converted checkpoint needs and its weights' shapes do not show (the
+    time map, the heads) are this run's too; else fine-tuning would start from another function."""
+    needed = checkpoint["converted_from"]["backbone"]
+    differing = {k: v for k, v in needed.items() if cfg.backbone.get(k) != v}
+    if differing:
+        settings = " ".join(f"++backbone.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in needed.items())
+        raise ValueError(f"checkpoint {path} holds converted weights that need backbone settings this run lacks "
+                         f"({', '.join(f'{k}: {cfg.backbone.get(k)} here, {v} there' for k, v in differing.items())}); "
+                         f"add {settings}")
 
 
 def _task_overrides() -> list[str]:

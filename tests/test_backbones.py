@@ -92,18 +92,33 @@ def test_dit_output_shape(channels: int, height: int, width: int, patch: int) ->
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def test_dit_learn_sigma_output_shape_only() -> None:
-    """Only the shape of the DiT paper's learned-variance head (2C channels; its parameter count
-    below has it). Learned variance is not supported yet: no objective or sampler reads the second
-    half, and the training objective refuses the output, as checked here."""
+def test_dit_learn_sigma_returns_the_prediction_and_the_variance_only_when_asked() -> None:
+    """The DiT paper's learned-variance head (2C channels; its parameter count below has it) is
+    held, but forward returns the C prediction channels, which the objective trains, and all 2C
+    only with return_variance=True: no objective or sampler reads a learned variance yet."""
     from diffusion.objective import DiffusionObjective
     from diffusion.schedules import DDPM
 
-    model = tiny_dit(learn_sigma=True)
+    model = randomize_(tiny_dit(learn_sigma=True))
     x, t = inputs(2, 4, 8, 8)
-    assert model(x, t).shape == (2, 8, 8, 8)
-    with pytest.raises(ValueError, match=r"model output has shape \(2, 8, 8, 8\), expected the input's \(2, 4, 8, 8\)"):
-        DiffusionObjective(DDPM())(model, x)
+    both = model(x, t, return_variance=True)
+    assert both.shape == (2, 8, 8, 8)
+    torch.testing.assert_close(model(x, t), both[:, :4], rtol=0, atol=0)
+    assert DiffusionObjective(DDPM())(model, x).loss.isfinite()
+    with pytest.raises(ValueError, match=r"return_variance=True\) needs a model built with learn_sigma=True"):
+        tiny_dit()(x, t, return_variance=True)
+
+
+def test_time_shift_moves_the_embedded_time() -> None:
+    """time_scale * t + time_shift is what the embedding sees: a model with (1000, -1) at t equals
+    the default model at t - 1/1000; the default (shift 0) is unchanged."""
+    shifted = randomize_(tiny_dit(time_shift=-1.0))
+    plain = tiny_dit()
+    plain.load_state_dict(shifted.state_dict())
+    x, t = inputs(2, 4, 8, 8)
+    t = t.double() * 0.5 + 0.25
+    torch.testing.assert_close(shifted(x, t), plain(x, t - 1e-3), rtol=0, atol=1e-6)
+    assert (shifted(x, t) - plain(x, t)).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("channels, height, width", [(1, 8, 8), (3, 16, 24), (4, 32, 32), (16, 8, 16), (4, 24, 8)])

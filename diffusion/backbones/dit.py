@@ -76,10 +76,12 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """forward(x_t (B, C, H, W), t (B,) in [0, 1], cond) -> (B, C_out, H, W).
+    """forward(x_t (B, C, H, W), t (B,) in [0, 1], cond) -> (B, C, H, W).
 
-    C_out = in_channels, or 2 * in_channels with learn_sigma (the paper's
-    configuration, kept for parameter counts and checkpoint compatibility).
+    With learn_sigma (the paper's configuration) the final layer also decodes C variance channels,
+    kept for parameter counts and for the released weights (diffusion.convert); forward returns the
+    prediction's C channels, and all 2C only with ``return_variance=True``: no objective or sampler
+    reads a learned variance yet. ``time_scale * t + time_shift`` is what the time embedding sees.
     Conditioning fields used: labels if num_classes, tokens/mask if token_dim,
     pooled if pooled_dim; the model refuses fields it was not built for.
     """
@@ -100,6 +102,7 @@ class DiT(nn.Module):
         learn_sigma: bool = False,
         frequency_dim: int = 256,
         time_scale: float = TIME_SCALE,
+        time_shift: float = 0.0,
         gradient_checkpointing: bool = False,
         bf16_autocast: bool = False,
     ) -> None:
@@ -109,7 +112,8 @@ class DiT(nn.Module):
         if hidden_size % 4:
             raise ValueError(f"DiT hidden_size={hidden_size} must be divisible by 4 for 2-D sin-cos positions.")
         self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels  # of the final layer
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.num_classes = num_classes
@@ -121,7 +125,7 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(
             img_size=None, patch_size=patch_size, in_chans=in_channels, embed_dim=hidden_size, strict_img_size=False
         )
-        self.t_embedder = TimestepEmbedder(hidden_size, frequency_dim, time_scale)
+        self.t_embedder = TimestepEmbedder(hidden_size, frequency_dim, time_scale, time_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes is not None else None
         self.pooled_embedder = (
             Mlp(pooled_dim, hidden_size, hidden_size, act_layer=nn.SiLU) if pooled_dim is not None else None
@@ -175,7 +179,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *, return_variance: bool = False) -> Tensor:
+        if return_variance and not self.learn_sigma:
+            raise ValueError("DiT.forward(return_variance=True) needs a model built with learn_sigma=True")
         check_input("DiT", x, t, self.in_channels, self.patch_size, "the patch size")
         cond = check_condition("DiT", cond, x.shape[0], self.num_classes, self.token_dim, self.pooled_dim)
         height, width = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
@@ -198,4 +204,6 @@ class DiT(nn.Module):
         out = rearrange(
             h, "b (h w) (p q c) -> b c (h p) (w q)", h=height, w=width, p=self.patch_size, q=self.patch_size
         )
+        if self.learn_sigma and not return_variance:  # the prediction: the first C channels
+            out = out[:, : self.in_channels]
         return out.to(x.dtype)

@@ -19,11 +19,15 @@ from diffusion.conditioning.types import Conditioning
 TIME_SCALE = 1000.0
 
 
-def timestep_embedding(t: Tensor, dim: int, scale: float = TIME_SCALE, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim), [cos | sin] as in DiT / ADM; always float32."""
+def timestep_embedding(
+    t: Tensor, dim: int, scale: float = TIME_SCALE, max_period: float = 10000.0, shift: float = 0.0
+) -> Tensor:
+    """Sinusoidal embedding of ``scale * t + shift`` (B,) -> (B, dim), [cos | sin] as in DiT / ADM;
+    always float32. The affine map is taken in t's dtype (at least float32) before the cast."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (t.float() * scale)[:, None] * freqs[None, :]
+    time = t.to(torch.promote_types(t.dtype, torch.float32)) * scale + shift
+    args = time.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
@@ -31,16 +35,18 @@ def timestep_embedding(t: Tensor, dim: int, scale: float = TIME_SCALE, max_perio
 
 
 class TimestepEmbedder(nn.Module):
-    """t (B,) in [0, 1] -> (B, out_dim): sinusoidal features, then a 2-layer SiLU MLP."""
+    """t (B,) in [0, 1] -> (B, out_dim): sinusoidal features of ``scale * t + shift``, then a 2-layer
+    SiLU MLP. The affine map lets weights trained on another time axis run on ours (diffusion.convert:
+    DiT's integer steps are ``N t - 1``, SiT's data-at-1 time is ``1 - t``)."""
 
-    def __init__(self, out_dim: int, frequency_dim: int = 256, scale: float = TIME_SCALE) -> None:
+    def __init__(self, out_dim: int, frequency_dim: int = 256, scale: float = TIME_SCALE, shift: float = 0.0) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.scale = scale
+        self.scale, self.shift = scale, shift
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        emb = timestep_embedding(t, self.frequency_dim, self.scale)
+        emb = timestep_embedding(t, self.frequency_dim, self.scale, shift=self.shift)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
