@@ -229,9 +229,9 @@ def sample(cfg: DictConfig) -> Path:
     from diffusion.precision import process_env, resolve_device, resolve_precision
     from diffusion.samplers import PerSampleNoise
 
-    for key in ("num", "batch_size"):
+    for key, what in (("num", "the number of images to sample"), ("batch_size", "the images of a batch")):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
-            raise ValueError(f"{key}={cfg.get(key)}: must be an integer >= 1")
+            raise ValueError(f"{key}={cfg.get(key)}: {what} must be an integer >= 1")
     rank, world_size, local_rank = process_env()
     device = resolve_device(cfg.get("device", "auto"), local_rank)
     precision = resolve_precision(cfg.get("precision", "auto"), device)

@@ -268,8 +268,8 @@ def test_device_and_precision_are_resolved(monkeypatch):
 
 # --- refusals --------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
-    (["num=0"], r"num=0: must be an integer >= 1"),
-    (["batch_size=0"], r"batch_size=0: must be an integer >= 1"),
+    (["num=0"], r"num=0: the number of images to sample must be an integer >= 1"),
+    (["batch_size=0"], r"batch_size=0: the images of a batch must be an integer >= 1"),
     (["device=tpu"], r"device='tpu' is not supported; allowed values: 'auto', 'cpu', 'cuda', 'cuda:N'"),
     (["precision=16"], r"precision='16' is not supported; allowed values: 'auto', '32', 'bf16'"),
     (["grid=cosine"], r"grid='cosine' is not supported; allowed values: 'uniform', 'shifted'"),
