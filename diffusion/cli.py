@@ -237,43 +237,28 @@ def sample(cfg: DictConfig) -> Path:
     precision = resolve_precision(cfg.get("precision", "auto"), device)
     path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path).to(device)
-    chosen = cfg.get("sampler") or {}  # the sampler group, if one was picked on the command line
-    sampler = chosen.get("name") or model.sampling.sampler
-    steps = cfg.steps or chosen.get("steps") or model.sampling.steps
-    cfg_scale = float(cfg.cfg_scale if cfg.cfg_scale is not None else model.sampling.cfg_scale)  # the run's guidance
-    grid = opts.named_grid(cfg.get("grid"), model.schedule, cfg.get("grid_shift"))
-    eta = opts.check_eta(cfg.get("eta"), sampler)
-    mode, condition = opts.conditions(model.conditioner.takes, model.num_classes, cfg.num, cfg.seed, cfg.labels,
-                                      cfg.get("prompts"), source=str(path))
-    times = (grid or model.sampling.grid)(steps)  # a grid that cannot be made (e.g. too many steps): refused here
-    out = Path(cfg.out) if cfg.out else run_of(path) / "samples" / f"{sampler}_{steps}_cfg{cfg_scale:g}_seed{cfg.seed}"
-    stat = path.stat()
-    manifest = {"ckpt": str(path.resolve()), "ckpt_size": stat.st_size, "ckpt_mtime_ns": stat.st_mtime_ns,
-                "sampler": sampler, "steps": int(steps), "grid": cfg.get("grid") or "run", "eta": eta,
-                "cfg_scale": cfg_scale, "seed": int(cfg.seed), "precision": precision, "device": device.type,
-                "num": int(cfg.num), "labels": opts.as_list("labels", cfg.labels) if mode == "list" else mode,
-                "prompts": list(cfg.prompts) if cfg.get("prompts") is not None else None, "png": bool(cfg.png)}
-    if cfg.get("grid") == "shifted":
-        manifest["grid_shift"] = float(cfg.grid_shift)
-    job.check_manifest(out, manifest)
+    args = opts.resolve(cfg, model, path, device, precision)
+    default_out = run_of(path) / "samples" / f"{args.sampler}_{args.steps}_cfg{args.cfg_scale:g}_seed{cfg.seed}"
+    out = Path(cfg.out) if cfg.out else default_out
+    job.check_manifest(out, args.manifest)
 
-    def draw(indices: range):
+    def draw(indices: range) -> Tensor:
         noise = PerSampleNoise([opts.noise_seed(cfg.seed, i) for i in indices])
-        batch_condition = None if condition is None else condition[indices.start:indices.stop]
-        return model.sample(len(indices), batch_condition, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                            generator=noise, grid=grid, eta=eta, precision=precision, progress=False)
+        condition = None if args.conditions is None else args.conditions[indices.start:indices.stop]
+        return model.sample(len(indices), condition, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                            generator=noise, grid=args.grid, eta=args.eta, precision=precision, progress=False)
 
     job.run_shard(out, cfg.num, rank, world_size, cfg.batch_size, draw, png=cfg.png, progress=cfg.progress)
     if rank != 0:
-        return out / "samples.npz"
-    record = {**manifest, "ckpt_sha256": job.file_sha256(path), "labels_mode": mode, "grid_times": times.tolist(),
-              "world_size": world_size, "batch_size": int(cfg.batch_size), "code_version": job.code_version(),
-              "uint8": "ADM: ((x + 1) * 127.5).clamp(0, 255) cast to uint8 (truncates)",
-              "image_shape": list(model.image_shape), "num_classes": model.num_classes}
-    stored = None if condition is None else ("labels" if mode != "prompts" else "prompts", condition)
+        return out / "samples.npz"  # process 0 gathers
+    record = {**args.manifest, "ckpt_sha256": job.file_sha256(path), "labels_mode": args.mode,
+              "grid_times": args.times.tolist(), "world_size": world_size, "batch_size": int(cfg.batch_size),
+              "code_version": job.code_version(), "uint8": "ADM: ((x + 1) * 127.5).clamp(0, 255) cast to uint8 "
+              "(truncates)", "image_shape": list(model.image_shape), "num_classes": model.num_classes}
+    stored = None if args.conditions is None else ("prompts" if args.mode == "prompts" else "labels", args.conditions)
     npz = job.write_outputs(out, job.gather(out, cfg.num), stored, record)
-    print(f"wrote {npz}, {out / 'grid.png'} and {out / 'samples.json'} ({cfg.num} images, sampler {sampler}, "
-          f"{steps} steps, cfg_scale {cfg_scale:g}, {precision} on {device})")
+    print(f"wrote {npz}, {out / 'grid.png'} and {out / 'samples.json'} ({cfg.num} images, sampler {args.sampler}, "
+          f"{args.steps} steps, cfg_scale {args.cfg_scale:g}, {precision} on {device})")
     return npz
 
 

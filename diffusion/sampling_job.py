@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -99,7 +100,7 @@ def count_done(done: Sequence[range], num: int) -> int:
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write to a temporary file beside ``path``, then rename: a killed write leaves no ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # processes of several nodes
     write(tmp)
     os.replace(tmp, path)
 
@@ -149,7 +150,8 @@ def run_shard(out: Path, num: int, rank: int, world_size: int, batch_size: int,
         images = to_uint8(sample(indices))
         if png:  # before the part: a batch whose part exists has its PNGs
             for i, image in zip(indices, images):
-                _write_atomic(out / "images" / f"{i:06d}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, "PNG"))
+                _write_atomic(out / "images" / f"{i:06d}.png",
+                              lambda tmp, im=image: Image.fromarray(im).save(tmp, "PNG"))
         _write_atomic(parts / f"{indices.start:06d}-{indices.stop:06d}.npz", _save_npz({"images": images}))
         bar.n = count_done(done_ranges(parts), num)
         bar.refresh()

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -14,6 +16,44 @@ from torch import Tensor
 from diffusion.samplers import grids
 from diffusion.schedules import Schedule
 from diffusion.training.randomness import sample_seed
+
+@dataclass
+class SamplingArgs:
+    """sample.py's arguments, resolved against the checkpoint's run and checked."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float
+    grid: Callable[[int], Tensor] | None  # None: the run's own
+    times: Tensor  # the grid at ``steps``
+    eta: float | None
+    mode: str  # of the conditions: cycle | uniform | list | prompts | none
+    conditions: list | None  # every image's label or prompt
+    manifest: dict[str, Any]  # what decides the images: a resumed job must match it
+
+
+def resolve(cfg: Any, model: Any, ckpt: Path, device: Any, precision: str) -> SamplingArgs:
+    """The job's arguments from sample.py's config ``cfg`` and the loaded ``model``; ValueError names a bad one."""
+    chosen = cfg.get("sampler") or {}  # the sampler group, if one was picked on the command line
+    sampler = chosen.get("name") or model.sampling.sampler
+    steps = int(cfg.steps or chosen.get("steps") or model.sampling.steps)
+    cfg_scale = float(cfg.cfg_scale if cfg.cfg_scale is not None else model.sampling.cfg_scale)  # the run's guidance
+    grid = named_grid(cfg.get("grid"), model.schedule, cfg.get("grid_shift"))
+    eta = check_eta(cfg.get("eta"), sampler)
+    mode, values = conditions(model.conditioner.takes, model.num_classes, cfg.num, cfg.seed, cfg.labels,
+                              cfg.get("prompts"), source=str(ckpt))
+    times = (grid or model.sampling.grid)(steps)  # a grid that cannot be made (e.g. too many steps): refused here
+    stat = ckpt.stat()
+    manifest = {"ckpt": str(ckpt.resolve()), "ckpt_size": stat.st_size, "ckpt_mtime_ns": stat.st_mtime_ns,
+                "sampler": sampler, "steps": steps, "grid": cfg.get("grid") or "run", "eta": eta,
+                "cfg_scale": cfg_scale, "seed": int(cfg.seed), "precision": precision, "device": device.type,
+                "num": int(cfg.num), "labels": as_list("labels", cfg.labels) if mode == "list" else mode,
+                "prompts": None if cfg.get("prompts") is None else as_list("prompts", cfg.prompts),
+                "png": bool(cfg.get("png", False))}
+    if cfg.get("grid") == "shifted":
+        manifest["grid_shift"] = float(cfg.grid_shift)
+    return SamplingArgs(sampler, steps, cfg_scale, grid, times, eta, mode, values, manifest)
+
 
 LABEL_KEY = 0x1ABE1  # keys the label draws apart from the noise of the same image
 LABEL_MODES = ("uniform",)  # besides null (cycle the classes) and an explicit list
@@ -104,8 +144,8 @@ def check_eta(eta: float | None, sampler: str) -> float | None:
     if eta is None:
         return None
     if sampler not in TAKE_ETA:
-        raise ValueError(f"eta={eta} applies to sampler=ddim only; sampler={sampler} ignores it (ancestral is ddim with "
-                         "eta=1): leave eta out, or pass sampler=ddim")
+        raise ValueError(f"eta={eta} applies to sampler=ddim only; sampler={sampler} ignores it (ancestral is ddim "
+                         "with eta=1): leave eta out, or pass sampler=ddim")
     if not 0 <= float(eta) <= 1:
         raise ValueError(f"eta={eta}: must be in [0, 1] (0: deterministic DDIM, 1: DDPM ancestral)")
     return float(eta)

@@ -294,7 +294,8 @@ def test_the_cache_on_the_default_device_equals_the_cpu_cache(train_config, tmp_
     for device in ("cpu", "auto"):
         cli.cache(train_config(f"cache_dir={tmp_path / device}", f"cache_device={device}",
                                "data.module.batch_size=64"))
-        caches[device] = sorted((p.relative_to(tmp_path / device), p.read_bytes()) for p in (tmp_path / device).rglob("*.bin"))
+        root = tmp_path / device
+        caches[device] = sorted((p.relative_to(root), p.read_bytes()) for p in root.rglob("*.bin"))
     assert caches["cpu"] and caches["cpu"] == caches["auto"]
     with pytest.raises(ValueError, match="cache_device='gpu' is not supported; allowed values: 'auto', 'cpu'"):
         cli.cache(train_config(f"cache_dir={tmp_path / 'x'}", "cache_device=gpu"))

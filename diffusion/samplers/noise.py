@@ -35,7 +35,8 @@ class PerSampleNoise:
 NoiseSource = torch.Generator | PerSampleNoise
 
 
-def randn(shape: Sequence[int], generator: NoiseSource | None, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+def randn(shape: Sequence[int], generator: NoiseSource | None, device: torch.device | str,
+          dtype: torch.dtype) -> Tensor:
     """Standard normal noise of ``shape`` from ``generator`` (a torch.Generator or a PerSampleNoise)."""
     if isinstance(generator, PerSampleNoise):
         return generator.randn(shape, device=device, dtype=dtype)
