@@ -109,9 +109,14 @@ def test_two_torchrun_processes_write_what_one_process_writes(ckpt, tmp_path):
     assert json.loads((tmp_path / "two" / "samples.json").read_text())["world_size"] == 2
 
 
-def test_two_srun_tasks_write_what_one_process_writes(ckpt, tmp_path):
-    """srun's environment (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, no torchrun variables)."""
+def test_two_srun_tasks_resume_what_one_process_began(ckpt, tmp_path, monkeypatch):
+    """srun's environment (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, no torchrun variables), resuming a
+    job that one process stopped after a batch of 4: another number of processes and batch size."""
     one = _sample(ckpt, tmp_path / "one", *JOB)
+    monkeypatch.setenv(sampling_job.STOP_AFTER_ENV, "1")
+    with pytest.raises(sampling_job.StoppedForTest):
+        cli.sample(_config(ckpt, tmp_path / "two", *JOB, "batch_size=4"))
+    monkeypatch.delenv(sampling_job.STOP_AFTER_ENV)
     procs = []
     for rank in (0, 1):
         env = _clean_env() | {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
@@ -122,6 +127,7 @@ def test_two_srun_tasks_write_what_one_process_writes(ckpt, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     with np.load(tmp_path / "two" / "samples.npz") as two:
         np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+    assert [r.start for r in sampling_job.done_ranges(tmp_path / "two" / "parts")] == [0, 4, 5]  # rank 0: 4, rank 1: 5..9
 
 
 def test_process_environment_of_torchrun_and_srun():
