@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -19,7 +18,6 @@ from torch import Tensor
 
 from diffusion.data.cache import CachedDataModule, check_cache_dtype, write_cache
 from diffusion.data.classes import write_class_names
-from diffusion.images import save_grid
 from diffusion.loggers import resume_at
 from diffusion.runs import (
     in_slurm_job,
@@ -217,19 +215,30 @@ def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]
 
 
 def cache(cfg: DictConfig) -> Path:
-    """Encode the configured data once (latents and conditions) into ``cfg.cache_dir/{train,val}``."""
+    """Encode the configured data once (latents and conditions) into ``cfg.cache_dir/{train,val}``, on
+    ``cache_device`` (auto: the GPU when there is one), in batches of data.module.batch_size."""
+    from tqdm import tqdm
+
+    from diffusion.precision import resolve_device
+
     if not cfg.get("cache_dir"):
         raise ValueError("pass cache_dir=PATH: where the cache is written (and later read by train.py cache_dir=PATH)")
-    model = build_module(cfg).eval()
+    device = resolve_device(cfg.get("cache_device", "auto"), key="cache_device")
+    model = build_module(cfg).eval().to(device)
     datamodule = instantiate(cfg.data.module)
     fingerprint = cache_fingerprint(cfg, model)
 
-    def encode(batch: dict[str, Any]) -> dict[str, Tensor]:
-        return {"latent": model.latents(batch), **model.conditioner.cache(batch)}
-
     for split in ("train", "val"):
         dataset = datamodule.dataset(split)
-        if dataset is not None and len(dataset):
+        if dataset is None or not len(dataset):
+            continue
+        with tqdm(total=len(dataset), desc=f"cache {split}", unit="img", dynamic_ncols=True) as bar:
+            def encode(batch: dict[str, Any]) -> dict[str, Tensor]:
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                encoded = {"latent": model.latents(batch), **model.conditioner.cache(batch)}
+                bar.update(len(encoded["latent"]))
+                return {k: v.cpu() for k, v in encoded.items()}
+
             write_cache(dataset, Path(cfg.cache_dir) / split, encode, fingerprint,
                         shard_size=cfg.get("cache_shard_size", 1024), batch_size=cfg.data.module.batch_size,
                         dtype=fingerprint["dtype"])
@@ -251,32 +260,44 @@ def load_module(path: str | Path) -> DiffusionModule:
 
 
 def sample(cfg: DictConfig) -> Path:
-    if cfg.num < 1:
-        raise ValueError(f"num={cfg.num}: the number of images to sample must be >= 1")
-    if cfg.labels is not None and cfg.get("prompts") is not None:
-        raise ValueError("give labels= or prompts=, not both")
+    """A sampling job (diffusion.sampling_job): ``num`` images into the directory ``out``, on this process's
+    device, split over the processes of torchrun or srun; returns the samples.npz written."""
+    from diffusion import sampling_job as job
+    from diffusion import sampling_options as opts
+    from diffusion.precision import process_env, resolve_device, resolve_precision
+    from diffusion.samplers import PerSampleNoise
+
+    for key, what in (("num", "the number of images to sample"), ("batch_size", "the images of a batch")):
+        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise ValueError(f"{key}={cfg.get(key)}: {what} must be an integer >= 1")
+    rank, world_size, local_rank = process_env()
+    device = resolve_device(cfg.get("device", "auto"), local_rank)
+    precision = resolve_precision(cfg.get("precision", "auto"), device)
     path = checkpoint_to_load(cfg.ckpt)
-    model = load_module(path)
-    given = "labels" if cfg.labels is not None else "prompts" if cfg.get("prompts") is not None else None
-    takes = model.conditioner.takes
-    if given is not None and given != takes:
-        what = {"labels": f"class labels 0..{(model.num_classes or 1) - 1}", "prompts": "text prompts"}.get(takes)
-        raise ValueError(f"{path} is a model conditioned on {what or 'nothing (unconditional)'}, so {given}= does not "
-                         f"apply; " + (f"sample it with {takes}=[...]" if takes else f"leave {given}= out"))
-    asked = list(cfg.labels if given == "labels" else cfg.prompts) if given else None
-    condition = None if asked is None else (asked * ((cfg.num + len(asked) - 1) // len(asked)))[: cfg.num]  # repeated to num
-    chosen = cfg.get("sampler") or {}  # the sampler group, if one was picked on the command line
-    sampler = chosen.get("name") or model.sampling.sampler
-    steps = cfg.steps or chosen.get("steps") or model.sampling.steps
-    cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else model.sampling.cfg_scale  # the run's guidance
-    generator = torch.Generator().manual_seed(cfg.seed)
-    images = model.sample(cfg.num, condition, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                          generator=generator, progress=cfg.progress)
-    out = Path(cfg.out) if cfg.out else run_of(path) / "samples" / f"sample_{sampler}_{steps}.png"
-    save_grid(images, out, nrow=len(asked) if given == "prompts" else model.num_classes)
-    np.savez(out.with_suffix(".npz"), images=images.numpy(), condition=np.asarray(condition if condition is not None else []))
-    print(f"wrote {out} and {out.with_suffix('.npz')} (sampler {sampler}, {steps} steps, cfg_scale {cfg_scale})")
-    return out
+    model = load_module(path).to(device)
+    args = opts.resolve(cfg, model, path, device, precision)
+    default_out = run_of(path) / "samples" / f"{args.sampler}_{args.steps}_cfg{args.cfg_scale:g}_seed{cfg.seed}"
+    out = Path(cfg.out) if cfg.out else default_out
+    job.check_manifest(out, args.manifest)
+
+    def draw(indices: range) -> Tensor:
+        noise = PerSampleNoise([opts.noise_seed(cfg.seed, i) for i in indices])
+        condition = None if args.conditions is None else args.conditions[indices.start:indices.stop]
+        return model.sample(len(indices), condition, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                            generator=noise, grid=args.grid, eta=args.eta, precision=precision, progress=False)
+
+    job.run_shard(out, cfg.num, rank, world_size, cfg.batch_size, draw, png=cfg.png, progress=cfg.progress)
+    if rank != 0:
+        return out / "samples.npz"  # process 0 gathers
+    record = {**args.manifest, "ckpt_sha256": job.file_sha256(path), "labels_mode": args.mode,
+              "grid_times": args.times.tolist(), "world_size": world_size, "batch_size": int(cfg.batch_size),
+              "code_version": job.code_version(), "uint8": "ADM: ((x + 1) * 127.5).clamp(0, 255) cast to uint8 "
+              "(truncates)", "image_shape": list(model.image_shape), "num_classes": model.num_classes}
+    stored = None if args.conditions is None else ("prompts" if args.mode == "prompts" else "labels", args.conditions)
+    npz = job.write_outputs(out, job.gather(out, cfg.num), stored, record)
+    print(f"wrote {npz}, {out / 'grid.png'} and {out / 'samples.json'} ({cfg.num} images, sampler {args.sampler}, "
+          f"{args.steps} steps, cfg_scale {args.cfg_scale:g}, {precision} on {device})")
+    return npz
 
 
 def export(cfg: DictConfig) -> Path:

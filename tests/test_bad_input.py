@@ -99,7 +99,7 @@ def test_prompts_for_a_class_label_model_say_it_takes_labels(trained, tmp_path):
 
 
 def test_num_below_one_is_refused_up_front(tmp_path):
-    with pytest.raises(ValueError, match=r"num=0: the number of images to sample must be >= 1"):
+    with pytest.raises(ValueError, match=r"num=0: the number of images to sample must be an integer >= 1"):
         _sample(tmp_path, "num=0", f"ckpt={tmp_path / 'never_read.ckpt'}")
 
 

@@ -134,9 +134,9 @@ def test_sample_keeps_the_runs_guidance_scale_whatever_the_sampler(train_config,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(DiffusionModule, "sample", spy)
-    for extra in (["sampler=heun"], ["sampler=heun", "cfg_scale=2"]):
+    for k, extra in enumerate((["sampler=heun"], ["sampler=heun", "cfg_scale=2"])):
         cli.sample(compose_config("sample", [f"ckpt={ckpt}", *extra, "steps=2", "num=2", "progress=false",
-                                             f"out={tmp_path / 'out.png'}"], tmp_path))
+                                             f"out={tmp_path / f'out{k}'}"], tmp_path))
     assert used == [("heun", 4.0), ("heun", 2.0)]
 
 

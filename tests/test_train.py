@@ -136,12 +136,12 @@ def test_resume_continues_steps_optimizer_ema_and_lr_schedule(train_config, tmp_
 def test_sample_writes_a_grid_and_npz_from_the_checkpoint(train_config, tmp_path):
     cli.train(train_config())
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    out = tmp_path / "grid.png"
+    out = tmp_path / "samples"
     cfg = compose_config("sample", [f"ckpt={ckpt}", "sampler=dpmpp_2m", "steps=3", "cfg_scale=2", "num=12",
                                     "labels=[1,2,3]", f"out={out}", "progress=false"], tmp_path)
-    assert cli.sample(cfg) == out and out.is_file()
-    saved = __import__("numpy").load(out.with_suffix(".npz"))
-    assert saved["images"].shape == (12, 1, 8, 8) and saved["condition"].tolist() == [1, 2, 3] * 4
+    assert cli.sample(cfg) == out / "samples.npz" and (out / "grid.png").is_file()
+    saved = __import__("numpy").load(out / "samples.npz")
+    assert saved["arr_0"].shape == (12, 8, 8, 3) and saved["labels"].tolist() == [1, 2, 3] * 4
 
 
 def test_the_module_rebuilds_from_the_checkpoint_alone(train_config, tmp_path):
@@ -210,11 +210,13 @@ def test_all_loggers_together_and_wandb_offline_without_credentials(train_config
 def test_the_sample_script_takes_its_documented_arguments(train_config, tmp_path):
     cli.train(train_config())
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    out = tmp_path / "script.png"
+    out = tmp_path / "script"
     result = run_script("sample.py", f"ckpt={ckpt}", "sampler=dpmpp_2m", "steps=3", "cfg_scale=3", "num=10",
-                        "labels=[4,2]", f"out={out}", "progress=false", cwd=tmp_path, timeout=300)
+                        "batch_size=4", "labels=[4,2]", "grid=karras", "device=cpu", "precision=32", f"out={out}",
+                        "png=true", "progress=false", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert out.is_file() and out.with_suffix(".npz").is_file()
+    assert (out / "samples.npz").is_file() and (out / "grid.png").is_file() and (out / "samples.json").is_file()
+    assert len(list((out / "images").glob("*.png"))) == 10
     assert not list(tmp_path.glob("*.log"))  # no log file left in the working directory
 
 

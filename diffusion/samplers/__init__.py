@@ -5,6 +5,7 @@ from typing import Callable
 from diffusion._checks import check_choice
 from diffusion.samplers import grids
 from diffusion.samplers.guidance import ClassifierFreeGuidance, concat_conditions
+from diffusion.samplers.noise import PerSampleNoise
 from diffusion.samplers.solvers import StepInfo, ancestral, ddim, dpmpp_2m, euler, heun
 
 #: Sampler functions by name, as configs and the command line refer to them.
@@ -25,6 +26,7 @@ def get_sampler(name: str) -> Callable:
 __all__ = [
     "SAMPLERS",
     "ClassifierFreeGuidance",
+    "PerSampleNoise",
     "StepInfo",
     "ancestral",
     "concat_conditions",

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from diffusion.schedules import Coefficients, Schedule
 from diffusion.samplers.grids import check_grid
+from diffusion.samplers.noise import NoiseSource, randn
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -76,7 +77,7 @@ def ddim(
     grid: Tensor,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource | None = None,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -92,7 +93,7 @@ def ddim(
         else:
             variance = (eta * ks.sigma / kt.sigma) ** 2 * (kt.sigma**2 - (kt.alpha / ks.alpha) ** 2 * ks.sigma**2)
             variance = min(max(variance, 0.0), ks.sigma**2)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn(x.shape, generator, x.device, x.dtype)  # per sample with a PerSampleNoise
             x = torch.add(x0 * ks.alpha, xT, alpha=math.sqrt(ks.sigma**2 - variance))
             x.add_(noise, alpha=math.sqrt(variance))
         _report(callback, st, x, x0)

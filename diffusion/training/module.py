@@ -3,6 +3,7 @@ loss, and owns the optimiser, the EMA of the weights and the sample grids. The p
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +17,9 @@ from diffusion.conditioning import Conditioner, Unconditional, drop_condition
 from diffusion.data.batching import batches_processed, check_split_over_processes
 from diffusion.frozen import FrozenModule
 from diffusion.objective import DiffusionObjective
-from diffusion.samplers import ClassifierFreeGuidance, get_sampler, grids
+from diffusion.precision import autocast_backbone
+from diffusion.samplers import ClassifierFreeGuidance, PerSampleNoise, get_sampler, grids
+from diffusion.samplers.noise import randn
 from diffusion.schedules import Schedule
 from diffusion.timesteps import TimeDistribution, Uniform
 from diffusion.training.checkpoint_io import check_frozen_weights, check_state_fits
@@ -39,6 +42,12 @@ class SamplingConfig:
     every_n_steps: int = 0  # grids every N optimiser steps; 0: only at the end of training
     num_images: int = 64
     prompts: Sequence[str] | None = None  # text-conditioned models: the grids' prompts, a column each
+
+
+def _takes(function: Callable, name: str) -> bool:
+    """Whether ``function`` accepts the keyword ``name`` (itself or through ``**kwargs``)."""
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 VALIDATION_KEY = -1  # keys the validation noise apart from any training draw
@@ -208,21 +217,32 @@ class DiffusionModule(L.LightningModule):
         sampler: str | None = None,
         steps: int | None = None,
         cfg_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | PerSampleNoise | None = None,
         progress: bool = False,
         decode: bool = True,
+        grid: Callable[[int], Tensor] | None = None,
+        eta: float | None = None,
+        precision: str = "32",
     ) -> Tensor:
         """``num`` samples from the EMA weights; ``condition`` is what the conditioner takes (labels,
-        prompts; None: cycle the classes, or empty prompts). Decoded to pixels unless ``decode`` is False."""
+        prompts; None: cycle the classes, or empty prompts). Decoded to pixels unless ``decode`` is False.
+        ``generator`` draws the initial noise and a stochastic sampler's noise: a PerSampleNoise of
+        ``num`` seeds makes each sample depend on its own seed alone. ``grid`` (steps -> times) replaces
+        the run's; ``eta`` goes to DDIM; ``precision="bf16"`` runs the backbone under bf16 autocast."""
         if self.image_shape is None:
             raise ValueError("this module was built without image_shape; pass the (C, H, W) the backbone works in")
         s = self.sampling
         cond = self.conditioner.make(condition, num, self.device)
         scale = s.cfg_scale if cfg_scale is None else cfg_scale
-        model = ClassifierFreeGuidance(self.ema.module, cond, self.conditioner.null(num, self.device), scale)
-        x = torch.randn((num, *self.image_shape), generator=generator, device=self.device)
-        grid = s.grid(steps or s.steps)
-        x = get_sampler(sampler or s.sampler)(model, self.schedule, x, grid, progress=progress)
+        backbone = autocast_backbone(self.ema.module, self.device, precision)
+        model = ClassifierFreeGuidance(backbone, cond, self.conditioner.null(num, self.device), scale)
+        x = randn((num, *self.image_shape), generator, self.device, torch.float32)
+        times = (grid or s.grid)(steps or s.steps)
+        solve = get_sampler(sampler or s.sampler)
+        kwargs: dict[str, Any] = {} if eta is None else {"eta": eta}
+        if _takes(solve, "generator"):  # the stochastic samplers (ancestral, ddim with eta > 0) draw from it
+            kwargs["generator"] = generator
+        x = solve(model, self.schedule, x, times, progress=progress, **kwargs)
         return self.autoencoder.decode(x) if decode and self.autoencoder is not None else x
 
     # --- optimiser ------------------------------------------------------------------------
