@@ -25,12 +25,13 @@ nn.Linear's layout; the fp32 one again before each model, the best kept). MFU is
 over the peak of the dtype the matmuls run in.
 
 CPUs without native bf16 (no AVX512-BF16 or AMX: e.g. AVX2-only ones) run bf16 matmuls in
-PyTorch's portable fallback kernels, 10-30x slower than fp32 (the peak lines show it). There a
+PyTorch's portable fallback kernels, about 6x slower than fp32 (the peak line shows it). There a
 bf16 forward at batch 64 takes many minutes, so the bf16 modes are timed at --emulated-bf16-batch
 (default 4, said in the output): the work per image is the same large GEMMs.
 
-Run:  python benchmarks/sample_speed.py          (defaults; minutes on 2 cores, more while shared)
-      python benchmarks/sample_speed.py --models dit_s_2 --batch 64 --repeats 5 --threads 2
+Run:  python benchmarks/sample_speed.py          (both models: about 50 min on 2 shared cores)
+      python benchmarks/sample_speed.py --models dit_s_2   (7 min on 2 cores)
+      python benchmarks/sample_speed.py --models dit_s_2 --batch 16 --repeats 5 --threads 2
       python benchmarks/sample_speed.py --models dit_s_2 --profile   (top ops of each precision)
 """
 
