@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom, and the theory notebook prints what its derivation promises."""
+"""The notebooks run top to bottom, the theory notebook prints what its derivation promises, and the
+sampling notebook's samplers converge on one checkpoint."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 THEORY = NOTEBOOKS / "theory.ipynb"
+SAMPLING = NOTEBOOKS / "sampling.ipynb"  # trains a tiny checkpoint with train.py first (CKPT unset)
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,23 @@ def test_theory_notebook_prints_the_numbers_of_its_derivation(execute):
     for name, row in rows.items():
         assert max(row.values()) < 0.5, (name, row)
         assert row["heun"] < 0.7 * row["euler"] and row["dpmpp_2m"] < 0.7 * row["euler"], (name, row)
+
+
+def test_sampling_notebook_samplers_converge_to_the_ode_solution(execute, monkeypatch):
+    """On the tiny checkpoint the notebook trains: the deterministic samplers come closer to Heun at 64
+    steps as their steps grow (4 -> 16), DDIM with eta = 0 equals Euler exactly (the same step), and
+    the ancestral sampler, with fresh noise every step, stays further off than all of them."""
+    monkeypatch.delenv("CKPT", raising=False)
+    notebook = execute(SAMPLING)
+    figures = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(figures) == 1  # one figure: rows = samplers, columns = steps
+    text = _printed(notebook)
+    header = re.search(r"^\s*sampler\s+([\d ]+)$", text, re.M).group(1).split()
+    rows = {name: dict(zip(header, map(float, values.split())))
+            for name, values in re.findall(r"^\s*(euler|heun|dpmpp_2m|ddim|ancestral)\s+([\d. ]+)$", text, re.M)}
+    assert header == ["4", "8", "16"] and len(rows) == 5, (header, rows)
+    for name in ("euler", "heun", "dpmpp_2m", "ddim"):
+        assert rows[name]["16"] < rows[name]["4"], (name, rows[name])
+        assert rows["ancestral"]["16"] > rows[name]["16"], rows
+    assert rows["euler"] == rows["ddim"], rows
+    assert float(re.search(r"max \|euler - ddim\| = (\S+)", text).group(1)) < 1e-6
