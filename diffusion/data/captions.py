@@ -16,19 +16,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from diffusion._checks import check_choice
 from diffusion.data.batching import batch_sampler, epoch_of
 from diffusion.data.buckets import BucketConfig, assign_buckets, make_buckets
+from diffusion.data.splits import SplitDataModule
 from diffusion.data.images import (
+    ReplacesBadImages,
     IMAGE_EXTS,
     FolderScan,
     ImageRecord,
     augmentation_generator,
-    check_bad_fraction,
     list_images,
     load_rgb,
     resize_crop,
@@ -106,7 +106,7 @@ def scan_folder(root: str | Path, max_bad_fraction: float = 0.05, image_exts: It
     return FolderScan(root, records, bad, total=len(paths))
 
 
-class ImageCaptionDataset(Dataset):
+class ImageCaptionDataset(ReplacesBadImages):
     """Images of a folder (or of a :class:`FolderScan`), resized and cropped to ``resolution``
     square, or with ``buckets`` to the closest aspect-ratio bucket of about that area.
 
@@ -148,41 +148,16 @@ class ImageCaptionDataset(Dataset):
         else:
             self.buckets = make_buckets(resolution, self.bucket_config.multiple, self.bucket_config.max_ratio)
             self.bucket_ids = assign_buckets([r.size for r in self.records], self.buckets)
-        self.members: dict[int, list[int]] = {}
-        for index, bucket in enumerate(self.bucket_ids):
-            self.members.setdefault(bucket, []).append(index)
-        self.position = {i: n for members in self.members.values() for n, i in enumerate(members)}
-        self.decode_bad = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def bad_paths(self) -> list[Path]:
-        """Files skipped so far: unreadable headers at setup, then failed decodes."""
-        return [*self.scan.bad, *(self.records[i].path for i in self.decode_bad.nonzero().flatten().tolist())]
-
-    @property
-    def num_bad(self) -> int:
-        return len(self.scan.bad) + int(self.decode_bad.sum())
+        self._group(self.bucket_ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         epoch = epoch_of(index)
         index = range(len(self))[index]  # negative indices, and IndexError past the end
         bucket = self.bucket_ids[index]
-        members, start = self.members[bucket], self.position[index]
-        for step in range(len(members)):
-            candidate = members[(start + step) % len(members)]
-            if self.decode_bad[candidate]:
-                continue
+        found = self._readable(index, bucket, lambda record: load_rgb(record.path, self.buckets[bucket]))
+        if found is not None:
+            candidate, img = found
             record = self.records[candidate]
-            try:
-                img = load_rgb(record.path, self.buckets[bucket])
-            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "unreadable"
-                self.decode_bad[candidate] = True
-                logger.warning("skipping unreadable image %s (%s: %s)", record.path, type(e).__name__, e)
-                check_bad_fraction(self.bad_paths, self.scan.total, self.max_bad_fraction, self.scan.root)
-                continue
             generator = augmentation_generator(self.seed, epoch, index)  # the asked-for sample's key
             flip = bool(torch.rand((), generator=generator) < 0.5)
             img, _ = resize_crop(img, self.buckets[bucket], self.crop, generator)
@@ -194,7 +169,7 @@ class ImageCaptionDataset(Dataset):
         raise RuntimeError(f"every image of bucket {self.buckets[bucket]} under {self.scan.root} is unreadable")
 
 
-class ImageCaptionDataModule(L.LightningDataModule):
+class ImageCaptionDataModule(SplitDataModule):
     """Image-caption folders for training; ``image_shape`` is the nominal (square) resolution.
 
     Validation: ``val_root`` (another folder) or a fixed ``val_fraction`` of ``root`` chosen by
@@ -220,10 +195,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         image_exts: Sequence[str] = IMAGE_EXTS,
     ):
         super().__init__()
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"data.module.val_fraction must be in [0, 1), got {val_fraction}")
-        if val_fraction and val_root is not None:
-            raise ValueError("set data.module.val_fraction or data.module.val_root, not both")
+        self.check_split(val_fraction, val_root)
         for key, folder in (("root", root), ("val_root", val_root)):
             if folder is not None and not Path(folder).is_dir():
                 raise FileNotFoundError(f"image folder {folder} does not exist; set data.module.{key} to a folder of images")
@@ -265,16 +237,3 @@ class ImageCaptionDataModule(L.LightningDataModule):
         sampler = batch_sampler(self.trainer, groups, self.batch_size, train=train, seed=self.seed)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
-
-    def dataset(self, split: str) -> ImageCaptionDataset | None:
-        """The ``"train"`` or ``"val"`` dataset (what a cache encodes), None if there is no such split."""
-        self.setup()
-        return {"train": self.train_set, "val": self.val_set}[split]
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup()
-        return self._loader(self.val_set, train=False) if self.val_set is not None else []

@@ -15,31 +15,28 @@ run directory (and in a cache directory, which a run from the cache copies).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from diffusion.data.batching import batch_sampler, epoch_of
+from diffusion.data.splits import SplitDataModule
 from diffusion.data.images import (
+    ReplacesBadImages,
     IMAGE_EXTS,
     augmentation_generator,
-    check_bad_fraction,
     list_images,
     load_rgb,
     scan_headers,
     to_tensor,
 )
 from diffusion.training.randomness import sample_seed
-
-logger = logging.getLogger(__name__)
 
 CLASS_NAMES_FILE = "classes.json"  # in a run directory and a cache directory: the class names in index order
 _SPLIT_STREAM = int.from_bytes(b"valsplit", "big")  # keys the held-out split apart from other draws
@@ -169,7 +166,7 @@ def split_per_class(scan: ClassScan, val_fraction: float, seed: int) -> tuple[Cl
     return _subset(scan, sorted(train_ids)), _subset(scan, sorted(val_ids))
 
 
-class ImageClassDataset(Dataset):
+class ImageClassDataset(ReplacesBadImages):
     """The images of a :class:`ClassScan`, preprocessed by :func:`center_crop_arr` to ``resolution``
     square, with ``label`` the index of their class.
 
@@ -192,48 +189,22 @@ class ImageClassDataset(Dataset):
         self.scan, self.records = scan, scan.records
         self.class_names = scan.class_names
         self.resolution, self.hflip, self.max_bad_fraction, self.seed = resolution, hflip, max_bad_fraction, seed
-        self.members: dict[int, list[int]] = {}
-        for index, record in enumerate(self.records):
-            self.members.setdefault(record.label, []).append(index)
-        self.position = {i: n for members in self.members.values() for n, i in enumerate(members)}
-        self.decode_bad = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def bad_paths(self) -> list[Path]:
-        """Files skipped so far: unreadable headers at setup, then failed decodes."""
-        return [*self.scan.bad, *(self.records[i].path for i in self.decode_bad.nonzero().flatten().tolist())]
-
-    @property
-    def num_bad(self) -> int:
-        return len(self.scan.bad) + int(self.decode_bad.sum())
+        self._group([record.label for record in self.records])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         epoch = epoch_of(index)
         index = range(len(self))[index]  # negative indices, and IndexError past the end
         label = self.records[index].label
-        members, start = self.members[label], self.position[index]
-        for step in range(len(members)):
-            candidate = members[(start + step) % len(members)]
-            if self.decode_bad[candidate]:
-                continue
-            record = self.records[candidate]
-            try:
-                img = load_rgb(record.path)  # full size: ADM's box halvings start from the full image
-            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "unreadable"
-                self.decode_bad[candidate] = True
-                logger.warning("skipping unreadable image %s (%s: %s)", record.path, type(e).__name__, e)
-                check_bad_fraction(self.bad_paths, self.scan.total, self.max_bad_fraction, self.scan.root)
-                continue
+        found = self._readable(index, label, lambda record: load_rgb(record.path))  # full size: ADM's box
+        if found is not None:  # halvings start from the full image
+            candidate, img = found
             generator = augmentation_generator(self.seed, epoch, index)  # the asked-for sample's key
             flip = bool(torch.rand((), generator=generator) < 0.5)
             image = to_tensor(Image.fromarray(center_crop_arr(img, self.resolution)))
             if self.hflip and flip:
                 image = image.flip(-1)
-            return {"image": image, "label": torch.tensor(label, dtype=torch.long), "path": str(record.path),
-                    "index": candidate}
+            return {"image": image, "label": torch.tensor(label, dtype=torch.long),
+                    "path": str(self.records[candidate].path), "index": candidate}
         raise RuntimeError(f"every image of class {self.class_names[label]!r} under {self.scan.root} is unreadable")
 
 
@@ -263,7 +234,7 @@ class ClassNamesRecord:
             write_class_names(trainer.default_root_dir, self.class_names)
 
 
-class ImageClassDataModule(ClassNamesRecord, L.LightningDataModule):
+class ImageClassDataModule(ClassNamesRecord, SplitDataModule):
     """A class folder for training; ``image_shape`` is (3, resolution, resolution) and
     ``num_classes`` the number of class folders, which must equal ``num_classes`` when given.
 
@@ -288,10 +259,7 @@ class ImageClassDataModule(ClassNamesRecord, L.LightningDataModule):
         image_exts: Sequence[str] = IMAGE_EXTS,
     ):
         super().__init__()
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"data.module.val_fraction must be in [0, 1), got {val_fraction}")
-        if val_fraction and val_root is not None:
-            raise ValueError("set data.module.val_fraction or data.module.val_root, not both")
+        self.check_split(val_fraction, val_root)
         self.root, self.image_exts = Path(root), tuple(image_exts)
         self.class_names = find_classes(self.root, "data.module.root", self.image_exts)
         check_num_classes(self.class_names, num_classes, self.root)
@@ -339,16 +307,3 @@ class ImageClassDataModule(ClassNamesRecord, L.LightningDataModule):
         sampler = batch_sampler(self.trainer, len(dataset), self.batch_size, train=train, seed=self.seed)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
-
-    def dataset(self, split: str) -> ImageClassDataset | None:
-        """The ``"train"`` or ``"val"`` dataset (what a cache encodes), None if there is no such split."""
-        self.setup()
-        return {"train": self.train_set, "val": self.val_set}[split]
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup()
-        return self._loader(self.val_set, train=False) if self.val_set is not None else []

@@ -8,14 +8,16 @@ them; targets are ``(height, width)`` as tensors have them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from diffusion._checks import check_choice
 from diffusion.training.randomness import sample_seed
@@ -186,3 +188,50 @@ def to_tensor(img: Image.Image) -> Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
     array = np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
     return torch.from_numpy(array).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class ReplacesBadImages(Dataset):
+    """A dataset of image records in groups (a size bucket, a class) that replaces an image whose
+    pixels fail to decode by the next readable one of its group, so a batch stays full and of one
+    kind. The failures are counted in shared memory (DataLoader workers add up to one total) with
+    the unreadable headers of the scan, and more than ``max_bad_fraction`` of all files stops the run.
+    Subclasses call ``_group(groups)`` with each record's group and decode through ``_readable``."""
+
+    scan: Any  # .root, .bad, .total: a FolderScan or a scan of class folders
+    records: Sequence[Any]  # each with .path
+    max_bad_fraction: float
+
+    def _group(self, groups: Sequence[int]) -> None:
+        self.members: dict[int, list[int]] = {}
+        for index, group in enumerate(groups):
+            self.members.setdefault(group, []).append(index)
+        self.position = {i: n for members in self.members.values() for n, i in enumerate(members)}
+        self.decode_bad = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def bad_paths(self) -> list[Path]:
+        """Files skipped so far: unreadable headers at setup, then failed decodes."""
+        return [*self.scan.bad, *(self.records[i].path for i in self.decode_bad.nonzero().flatten().tolist())]
+
+    @property
+    def num_bad(self) -> int:
+        return len(self.scan.bad) + int(self.decode_bad.sum())
+
+    def _readable(self, index: int, group: int, decode: Callable[[Any], Image.Image]) -> tuple[int, Image.Image] | None:
+        """``(candidate, image)``: record ``index`` decoded, or the next readable record of its group;
+        None when none of the group decodes."""
+        members, start = self.members[group], self.position[index]
+        for step in range(len(members)):
+            candidate = members[(start + step) % len(members)]
+            if self.decode_bad[candidate]:
+                continue
+            try:
+                return candidate, decode(self.records[candidate])
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "unreadable"
+                self.decode_bad[candidate] = True
+                logger.warning("skipping unreadable image %s (%s: %s)", self.records[candidate].path, type(e).__name__, e)
+                check_bad_fraction(self.bad_paths, self.scan.total, self.max_bad_fraction, self.scan.root)
+        return None
