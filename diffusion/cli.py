@@ -171,7 +171,9 @@ def check_converted_backbone(cfg: DictConfig, checkpoint: dict[str, Any], path: 
     needed = checkpoint["converted_from"]["backbone"]
     differing = {k: v for k, v in needed.items() if cfg.backbone.get(k) != v}
     if differing:
-        settings = " ".join(f"++backbone.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in needed.items())
+        from diffusion.convert import override_value
+
+        settings = " ".join(f"++backbone.{k}={override_value(v)}" for k, v in needed.items())
         raise ValueError(f"checkpoint {path} holds converted weights that need backbone settings this run lacks "
                          f"({', '.join(f'{k}: {cfg.backbone.get(k)} here, {v} there' for k, v in differing.items())}); "
                          f"add {settings}")
@@ -264,6 +266,7 @@ def sample(cfg: DictConfig) -> Path:
     device, split over the processes of torchrun or srun; returns the samples.npz written."""
     from diffusion import sampling_job as job
     from diffusion import sampling_options as opts
+    from diffusion.files import file_sha256
     from diffusion.precision import process_env, resolve_device, resolve_precision
     from diffusion.samplers import PerSampleNoise
 
@@ -289,7 +292,7 @@ def sample(cfg: DictConfig) -> Path:
     job.run_shard(out, cfg.num, rank, world_size, cfg.batch_size, draw, png=cfg.png, progress=cfg.progress)
     if rank != 0:
         return out / "samples.npz"  # process 0 gathers
-    record = {**args.manifest, "ckpt_sha256": job.file_sha256(path), "labels_mode": args.mode,
+    record = {**args.manifest, "ckpt_sha256": file_sha256(path), "labels_mode": args.mode,
               "grid_times": args.times.tolist(), "world_size": world_size, "batch_size": int(cfg.batch_size),
               "code_version": job.code_version(), "uint8": "ADM: ((x + 1) * 127.5).clamp(0, 255) cast to uint8 "
               "(truncates)", "image_shape": list(model.image_shape), "num_classes": model.num_classes}

@@ -19,7 +19,6 @@ only, with the schedule's fixed variances, until a learned variance is read by s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from diffusion._checks import check_choice
 from diffusion.backbones.dit import DiT
 from diffusion.backbones.layers import sincos_pos_embed_2d
 from diffusion.backbones.registry import DIT_CONFIGS
+from diffusion.files import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +245,8 @@ def convert(cfg: DictConfig) -> Path:
     user = [o for o in user if not o.startswith("experiment=")]
     num_steps = _check_theory(fmt, _compose([f"experiment={experiment}", *user], out).schedule.schedule)
     backbone = backbone_overrides(sizes, fmt, num_steps)
-    overrides = [f"data.num_classes={sizes.num_classes}", *(f"++backbone.{k}={_value(v)}" for k, v in backbone.items()),
-                 *user]
+    overrides = [f"data.num_classes={sizes.num_classes}",
+                 *(f"++backbone.{k}={override_value(v)}" for k, v in backbone.items()), *user]
     cfg_run = _compose([f"experiment={experiment}", *overrides], out)
     model = build_module(cfg_run)
     latent = model.image_shape
@@ -270,13 +270,11 @@ def convert(cfg: DictConfig) -> Path:
         "run_config": run_config,
         "frozen_weights": model.frozen_weights(),
         "global_step": 0,
-        "converted_from": {"path": str(src.resolve()), "sha256": _sha256(src), "format": fmt, "entry": entry,
+        "converted_from": {"path": str(src.resolve()), "sha256": file_sha256(src), "format": fmt, "entry": entry,
                            "experiment": experiment, "overrides": overrides, "backbone": backbone},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
+    write_atomic(out, lambda tmp: torch.save(checkpoint, tmp))
     train = " ".join([f"experiment={experiment}", f"ckpt_path={out}", *_quoted(overrides)])
     print(f"wrote {out}: {fmt} weights ({_describe(sizes)}), the theory of experiment={experiment}\n"
           f"  sample:    python sample.py ckpt={out}\n"
@@ -284,7 +282,8 @@ def convert(cfg: DictConfig) -> Path:
     return out
 
 
-def _value(v: Any) -> str:
+def override_value(v: Any) -> str:
+    """``v`` as a Hydra override writes it (booleans lower-case)."""
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
@@ -316,10 +315,3 @@ def _compose(overrides: list[str], out: Path) -> DictConfig:
     finally:
         hydra.cfg = previous
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()

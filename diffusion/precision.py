@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion._checks import check_choice
+
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 PRECISIONS = ("auto", "32", "bf16")
 
@@ -49,9 +51,7 @@ def cpu_has_amx() -> bool:
 
 def resolve_precision(precision: str | int | None, device: torch.device) -> str:
     """``"32"`` or ``"bf16"``. ``auto``: bf16 on a GPU that supports it and on a CPU with AMX, 32 otherwise."""
-    name = "auto" if precision is None else str(precision)
-    if name not in PRECISIONS:
-        raise ValueError(f"precision={name!r} is not supported; allowed values: {', '.join(map(repr, PRECISIONS))}")
+    name = check_choice("precision", "auto" if precision is None else str(precision), PRECISIONS)
     if name != "auto":
         return name
     if device.type == "cuda":

@@ -17,11 +17,9 @@ keyed by index ranges, so a job may be resumed with another batch_size or number
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from diffusion.files import file_sha256, write_atomic
 from diffusion.images import save_grid
 
 #: Stops a job after this many batches of a process (tests use it to stand for a killed job).
@@ -98,13 +97,6 @@ def count_done(done: Sequence[range], num: int) -> int:
     return int(covered.sum())
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary file beside ``path``, then rename: a killed write leaves no ``path``."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # processes of several nodes
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_npz(arrays: dict[str, np.ndarray]) -> Callable[[Path], None]:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the name
@@ -114,7 +106,7 @@ def _save_npz(arrays: dict[str, np.ndarray]) -> Callable[[Path], None]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
@@ -150,9 +142,9 @@ def run_shard(out: Path, num: int, rank: int, world_size: int, batch_size: int,
         images = to_uint8(sample(indices))
         if png:  # before the part: a batch whose part exists has its PNGs
             for i, image in zip(indices, images):
-                _write_atomic(out / "images" / f"{i:06d}.png",
+                write_atomic(out / "images" / f"{i:06d}.png",
                               lambda tmp, im=image: Image.fromarray(im).save(tmp, "PNG"))
-        _write_atomic(parts / f"{indices.start:06d}-{indices.stop:06d}.npz", _save_npz({"images": images}))
+        write_atomic(parts / f"{indices.start:06d}-{indices.stop:06d}.npz", _save_npz({"images": images}))
         bar.n = count_done(done_ranges(parts), num)
         bar.refresh()
     if rank == 0:
@@ -192,19 +184,11 @@ def write_outputs(out: Path, images: np.ndarray, conditions: tuple[str, list] | 
     if conditions is not None:
         name, values = conditions
         arrays[name] = np.asarray(values, dtype=np.int64 if name == "labels" else np.str_)
-    _write_atomic(out / "samples.npz", _save_npz(arrays))
+    write_atomic(out / "samples.npz", _save_npz(arrays))
     first = torch.from_numpy(images[:GRID_IMAGES]).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid(first, out / "grid.png")
     write_json(out / "samples.json", record)
     return out / "samples.npz"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_version() -> str | None:

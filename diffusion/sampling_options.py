@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from diffusion._checks import check_choice
 from diffusion.samplers import grids
 from diffusion.schedules import Schedule
 from diffusion.training.randomness import sample_seed
@@ -123,8 +124,7 @@ def named_grid(name: str | None, schedule: Schedule, shift: float | None = None)
     """The sampler's time grid ``steps -> times`` called ``name`` (None: the run's own)."""
     if name is None:
         return None
-    if name not in GRIDS:
-        raise ValueError(f"grid={name!r} is not supported; allowed values: {', '.join(map(repr, GRIDS))}")
+    check_choice("grid", name, GRIDS)
     if name == "uniform":
         return grids.uniform
     if name == "shifted":

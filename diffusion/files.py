@@ -1,0 +1,28 @@
+"""Files written whole or not at all, and hashed in blocks: what the sampling job and the weight
+converter write and record."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX):
+    a killed write leaves no ``path``. The name carries the host and process, so processes of several
+    nodes writing beside each other never share one."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
