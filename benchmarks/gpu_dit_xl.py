@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from diffusion.backbones.registry import build_dit, dit_config
+from diffusion.backbones.registry import build_dit, dit_forward_flops
 from diffusion.conditioning.types import Conditioning
 
 CHANNELS, SIZE, CLASSES = 4, 32, 1000
@@ -41,12 +41,8 @@ TARGET_TRAIN = 420.0  # img/s, H100-class
 
 
 def forward_flops(name: str, size: int) -> float:
-    """Forward FLOPs of one image (2 per multiply-add): the linear layers, attention's N x N
-    matmuls, the patch embedding and the final linear (as benchmarks/sample_speed.py counts)."""
-    cfg = dit_config(name)
-    d, depth, p = cfg["hidden_size"], cfg["depth"], cfg["patch_size"]
-    n = (size // p) ** 2
-    return float(depth * (n * 2 * 12 * d * d + 4 * n * n * d + 12 * d * d) + n * 2 * p * p * CHANNELS * d * 3)
+    """Forward FLOPs of one image (2 per multiply-add), as benchmarks/sample_speed.py counts them."""
+    return dit_forward_flops(name, size, CHANNELS)
 
 
 def sync(device: torch.device) -> None:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.backbones.registry import build_dit, dit_config
+from diffusion.backbones.registry import build_dit, dit_forward_flops
 from diffusion.conditioning.types import Conditioning
 
 CHANNELS, SIZE, CLASSES = 4, 32, 1000
@@ -76,18 +76,10 @@ def forward_fn(model: nn.Module, batch: int, precision: str) -> Callable[[], Ten
     return lambda: model(x, t, cond)
 
 
-def analytic_flops(name: str, size: int = SIZE, frequency_dim: int = 256, mlp_ratio: float = 4.0,
-                   attention: bool = True) -> float:
+def analytic_flops(name: str, size: int = SIZE, attention: bool = True) -> float:
     """Forward FLOPs of one image (2 per multiply-add), from the sizes alone; ``attention=False``
     leaves out attention's two N x N matmuls."""
-    cfg = dit_config(name)
-    d, depth, p = cfg["hidden_size"], cfg["depth"], cfg["patch_size"]
-    n = (size // p) ** 2  # tokens
-    hidden = int(d * mlp_ratio)
-    per_block = n * 2 * (3 * d * d + d * d + 2 * d * hidden) + 4 * n * n * d * attention + 2 * d * 6 * d  # + adaLN
-    embed = n * 2 * p * p * CHANNELS * d + 2 * (frequency_dim * d + d * d)  # patches, time MLP
-    final = n * 2 * d * p * p * 2 * CHANNELS + 2 * d * 2 * d  # final linear, its adaLN
-    return float(depth * per_block + embed + final)
+    return dit_forward_flops(name, size, CHANNELS, attention=attention)
 
 
 def counted_flops(name: str) -> float:

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("dit", "sit")
 EXPERIMENTS = {"dit": "imagenet256_dit_xl_2", "sit": "imagenet256_sit_xl_2"}  # the theories they were trained with
-# Heads by hidden size: Table 1 of Peebles & Xie 2023 (SiT uses the same sizes).
-HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
+# Heads by hidden size: the paper's sizes of the registry (Peebles & Xie 2023, Table 1; SiT uses the same).
+HEADS_BY_HIDDEN = {c["hidden_size"]: c["num_heads"] for name, c in DIT_CONFIGS.items() if name.startswith("DiT-")}
 # The keys every file of the layout has, whatever its size; the others follow from these.
 ANCHORS = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
            "blocks.0.attn.qkv.weight", "final_layer.linear.weight")
@@ -131,8 +131,8 @@ def infer_sizes(state: dict[str, Tensor], num_heads: int | None = None, source: 
                          f"channels give {patch * patch * in_channels}, or twice that with a variance head")
     if num_heads is None:
         if hidden not in HEADS_BY_HIDDEN:
-            raise ValueError(f"{source}: hidden size {hidden} is none of DiT's ({', '.join(map(str, HEADS_BY_HIDDEN))}); "
-                             "pass num_heads=N")
+            raise ValueError(f"{source}: hidden size {hidden} is none of DiT's "
+                             f"({', '.join(map(str, sorted(HEADS_BY_HIDDEN)))}); pass num_heads=N")
         num_heads = HEADS_BY_HIDDEN[hidden]
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     grid = None

@@ -63,8 +63,9 @@ def autocast_backbone(backbone: Callable[..., Tensor], device: torch.device, pre
     """The backbone under ``torch.autocast(bfloat16)`` for bf16, its outputs back in float32 so that the
     sampler's updates (and the noise they add) stay in float32; the backbone itself for 32.
     Autocast rather than bf16 weights: the weights, normalisations and softmaxes stay float32 and only
-    the matmuls and convolutions run in bf16, with a third of the error; on this project's AVX2 CPU bf16
-    weights were 1.01-1.04x faster than autocast but both about 6x slower than float32 (benchmarks/sample_speed.py: 0.16-0.17x)."""
+    the matmuls and convolutions run in bf16, with a third of the error. On this project's AVX2 CPU bf16
+    weights were 1.01-1.04x faster than autocast, and both ran at 0.16-0.17x float32's speed
+    (benchmarks/sample_speed.py)."""
     if precision == "32":
         return backbone
 
