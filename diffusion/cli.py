@@ -283,16 +283,28 @@ def sample(cfg: DictConfig) -> Path:
     out = Path(cfg.out) if cfg.out else default_out
     job.check_manifest(out, args.manifest)
 
+    calls: list[int] = []  # backbone calls of each batch: the model evaluations of an image
+
     def draw(indices: range) -> Tensor:
         noise = PerSampleNoise([opts.noise_seed(cfg.seed, i) for i in indices])
         condition = None if args.conditions is None else args.conditions[indices.start:indices.stop]
-        return model.sample(len(indices), condition, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                            generator=noise, grid=args.grid, eta=args.eta, precision=precision, progress=False)
+        count = len(calls)
+        calls.append(0)
+        hook = model.ema.module.register_forward_pre_hook(lambda *_: calls.__setitem__(count, calls[count] + 1))
+        try:
+            return model.sample(len(indices), condition, sampler=args.sampler, steps=args.steps,
+                                cfg_scale=args.cfg_scale, generator=noise, grid=args.grid, eta=args.eta,
+                                precision=precision, progress=False)
+        finally:
+            hook.remove()
 
     job.run_shard(out, cfg.num, rank, world_size, cfg.batch_size, draw, png=cfg.png, progress=cfg.progress)
     if rank != 0:
         return out / "samples.npz"  # process 0 gathers
+    if not calls:  # every batch was sampled before a resume: count on one image
+        draw(range(1))
     record = {**args.manifest, "ckpt_sha256": file_sha256(path), "labels_mode": args.mode,
+              "model_evaluations": calls[0],  # backbone calls per image (a guided call computes both branches)
               "grid_times": args.times.tolist(), "world_size": world_size, "batch_size": int(cfg.batch_size),
               "code_version": job.code_version(), "uint8": "ADM: ((x + 1) * 127.5).clamp(0, 255) cast to uint8 "
               "(truncates)", "image_shape": list(model.image_shape), "num_classes": model.num_classes}

@@ -109,15 +109,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write ``out/job.json``, or refuse to continue a job there that was started with other arguments."""
-    path = out / "job.json"
+def check_manifest(out: Path, manifest: dict[str, Any], name: str = "job.json", what: str = "a sampling job") -> None:
+    """Write ``out/<name>``, or refuse to continue a job there that was started with other arguments."""
+    path = out / name
     if path.exists():
         before = json.loads(path.read_text())
         diff = [f"{k}: {before.get(k)!r} there, {manifest.get(k)!r} now" for k in sorted(set(before) | set(manifest))
                 if before.get(k) != manifest.get(k)]
         if diff:
-            raise ValueError(f"{out} holds a sampling job made with other arguments:\n  " + "\n  ".join(diff)
+            raise ValueError(f"{out} holds {what} made with other arguments:\n  " + "\n  ".join(diff)
                              + "\nrerun with its arguments to resume it, pass another out=DIR, or delete the directory")
         return
     out.mkdir(parents=True, exist_ok=True)

