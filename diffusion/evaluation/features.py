@@ -85,12 +85,16 @@ def _read_range(parts: Path, lo: int, hi: int, names: Iterable[str]) -> Iterable
 
 def extract(source: ImageSource, extractors: Mapping[str, Extractor], fingerprints: Mapping[str, dict],
             out: Path | None, *, full: Iterable[str] = (), batch_size: int = 64, device: torch.device | None = None,
-            progress: bool = True, desc: str = "features") -> Features:
+            progress: bool = True, desc: str = "features", local: bool = False) -> Features:
     """Features of every image of ``source`` (see the module docstring). ``out=None`` keeps them in
-    memory (the training callback). ``full``: the "<extractor>/<key>" arrays that process 0 returns whole."""
+    memory; ``local=True`` (with ``out=None``): ``source`` holds this process's share of the images
+    already (the training callback's samples). ``full``: the "<extractor>/<key>" arrays that process 0
+    returns whole."""
     device = device or torch.device("cpu")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = shard(len(source), rank, world)
+    if local and out is not None:
+        raise ValueError("local=True extracts this process's images in memory: pass out=None")
+    mine = range(len(source)) if local else shard(len(source), rank, world)
     full = set(full)
     in_memory: list[dict[str, np.ndarray]] = []
     if out is not None:
