@@ -70,13 +70,7 @@ class HFTextEncoder(TextEncoder):
         self._freeze()
 
     def _tokenizer_id(self) -> str:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            return type(self.tokenizer).__name__
-        # Without the truncation/padding settings, which each call sets anew.
-        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        return f"{type(self.tokenizer).__name__}:{digest}"
+        return tokenizer_id(self.tokenizer)
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         batch = self.tokenizer(
@@ -97,6 +91,17 @@ class HFTextEncoder(TextEncoder):
         else:  # "cls": the first token's state
             pooled = tokens[:, 0]
         return Conditioning(tokens=tokens, mask=mask, pooled=pooled)
+
+
+def tokenizer_id(tokenizer) -> str:
+    """The tokenizer's class and a digest of its vocabulary and rules, for fingerprints."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return type(tokenizer).__name__
+    # Without the truncation/padding settings, which each call sets anew.
+    spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{type(tokenizer).__name__}:{digest}"
 
 
 def _model_class(config) -> tuple[str, type]:
