@@ -1,0 +1,1 @@
+"""Evaluation of generated samples: feature statistics and the metrics computed from them."""
