@@ -216,7 +216,7 @@ def test_feature_stats_refuse_wrong_shape_non_finite_rows_and_too_few_samples():
         stats.update(bad)
     assert stats.count == 0  # a refused batch adds nothing
     stats.update(np.ones((1, 4)))
-    with pytest.raises(ValueError, match=r"fewer than 2 samples: got 1"):
+    with pytest.raises(ValueError, match=r"FeatureStats.cov got fewer than 2 samples \(1\)"):
         stats.cov()
     with pytest.raises(ValueError, match=r"dim must be an integer >= 1, got 0"):
         FeatureStats(0)

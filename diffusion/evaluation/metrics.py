@@ -151,8 +151,8 @@ class FeatureStats:
     def cov(self) -> np.ndarray:
         """The (dim, dim) float64 unbiased covariance (divided by n - 1), as ``np.cov(features, rowvar=False)``."""
         if self.count < 2:
-            raise ValueError(f"FeatureStats.cov needs at least 2 samples (fewer than 2 samples: got {self.count}); "
-                             "an unbiased covariance divides by n - 1")
+            raise ValueError(f"FeatureStats.cov got fewer than 2 samples ({self.count}); an unbiased covariance "
+                             "divides by n - 1, so update it with at least 2 feature rows first")
         mu = self._sum / self.count
         cov = (self._outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
         return ((cov + cov.T) / 2).cpu().numpy()  # exactly symmetric, whatever the product's rounding
@@ -291,7 +291,9 @@ def precision_recall(real: Any, fake: Any, k: int = 3, *, batch_size: int = 2048
     recall is the share of real points within the radius of some fake point. Distances are
     compared squared, in float64, from ||a||^2 + ||b||^2 - 2 a.b clipped at 0 (see
     ``_squared_distances``), ``batch_size`` rows at a time, so memory is O(batch_size * N) and
-    the result does not depend on ``batch_size``. Needs more than k points in each set."""
+    the result does not depend on ``batch_size``. ADM's evaluator has the same squared distances
+    and ``<=`` but in float16 (float32 where float16 overflows), so points within that rounding of
+    a ball's edge can count differently there. Needs more than k points in each set."""
     k = _positive_int("k", k)
     batch_size = _positive_int("batch_size", batch_size)
     x = _features("real", real)
