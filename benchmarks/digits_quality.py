@@ -1,8 +1,12 @@
 """Quality of the default run: train with `python train.py`, then judge its class-conditional
-samples with a classifier trained on the real training digits.
+samples two ways:
 
-Reports the run's wall time, the classifier's accuracy on the held-out real digits (its own
-ceiling) and the share of generated samples classified as the digit they were asked for.
+- FID and KID (TF Inception-v3, as papers compute them) against the held-out real digits, next to
+  the same figures of as many real training digits against them: the floor a perfect model reaches
+  at this n (FID from n samples is biased upwards, so it is named fid@<n>);
+- a classifier trained on the real training digits: its accuracy on the held-out real digits (its
+  own ceiling) and the share of samples classified as the digit they were asked for.
+
 Targets (issue 4): the default run in at most 10 minutes on 2 CPU cores, and >= 95 % of samples
 classified as asked.
 
@@ -23,6 +27,10 @@ from sklearn.svm import SVC
 
 from diffusion.cli import load_module
 from diffusion.data import load_digits_split
+from diffusion.evaluation import metrics
+from diffusion.evaluation.inception import InceptionFeatures
+from diffusion.evaluation.sources import float_to_uint8
+from diffusion.evaluation.suite import reported_name
 from diffusion.images import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +47,27 @@ def train_run(overrides: list[str], run_dir: Path) -> float:
 def to_pixels(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] images -> the 0..16 flattened pixels scikit-learn's digits use."""
     return ((images.clamp(-1, 1) + 1) * 8).flatten(1).numpy()
+
+
+def real_uint8(images: torch.Tensor) -> np.ndarray:
+    """Real digits as the evaluation's reference reads them: rounded back to their bytes, RGB."""
+    x = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def inception_pool(extractor: InceptionFeatures, images: np.ndarray, batch_size: int = 50) -> tuple[np.ndarray, float]:
+    """Pool features of uint8 (N, H, W, 3) images, and the images per second it took."""
+    start, out = time.perf_counter(), []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            out.append(extractor(torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2))["pool"].double().numpy())
+    return np.concatenate(out), len(images) / (time.perf_counter() - start)
+
+
+def fid_kid(fake: np.ndarray, real: np.ndarray) -> tuple[float, float, float]:
+    fid = metrics.frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0), np.cov(real, rowvar=False))
+    kid, kid_std = metrics.kid(real, fake, num_subsets=100, subset_size=min(len(real), len(fake), 1000), seed=0)
+    return fid, kid, kid_std
 
 
 def main() -> None:
@@ -70,6 +99,16 @@ def main() -> None:
     grid = save_grid(images.view(10, args.per_class, *images.shape[1:])[:, :10].transpose(0, 1).reshape(-1, *images.shape[1:]),
                      Path(ckpt).parent.parent / "samples" / "benchmark_grid.png", nrow=10)
 
+    # FID / KID against the held-out real digits; the floor: as many real training digits against them.
+    extractor = InceptionFeatures().eval()
+    val, _ = inception_pool(extractor, real_uint8(split["val"][0]))
+    fake, speed = inception_pool(extractor, float_to_uint8(images, "the run's samples"))
+    train_images = split["train"][0][torch.randperm(len(split["train"][0]), generator=torch.Generator().manual_seed(0))]
+    floor, _ = inception_pool(extractor, real_uint8(train_images[:len(images)]))
+    name = reported_name("fid", len(images), fake.shape[1])
+    fid, kid, kid_std = fid_kid(fake, val)
+    floor_fid, floor_kid, floor_kid_std = fid_kid(floor, val)
+
     s = model.sampling
     print(f"checkpoint: {ckpt}")
     print(f"sampler: {args.sampler or s.sampler}, steps: {args.steps or s.steps}, cfg_scale: {args.cfg_scale if args.cfg_scale is not None else s.cfg_scale}")
@@ -77,6 +116,11 @@ def main() -> None:
         print(f"train time: {seconds / 60:.1f} min (target <= 10 min)")
     print(f"classifier accuracy on held-out real digits: {100 * real_accuracy:.1f} %")
     print(f"samples classified as the digit asked for: {100 * sample_accuracy:.1f} % (target >= 95 %)")
+    print(f"{name} (TF Inception-v3, against the {len(val)} held-out real digits): {fid:.2f}; "
+          f"{len(floor)} real training digits: {floor_fid:.2f} (the floor at this n)")
+    print(f"KID x 1000: {1000 * kid:.2f} +- {1000 * kid_std:.2f}; real training digits: "
+          f"{1000 * floor_kid:.2f} +- {1000 * floor_kid_std:.2f}")
+    print(f"feature extraction: {speed:.1f} img/s on this machine (fp32, 8x8 digits resized to 299x299)")
     print(f"grid (a row per sample index, a column per digit): {grid}")
 
 
