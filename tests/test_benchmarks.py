@@ -93,3 +93,11 @@ def test_gpu_training_step_updates_the_weights(gpu_dit_xl):
     step()
     moved = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert moved == len(before), f"{len(before) - moved} of {len(before)} parameters did not move"
+
+
+def test_feature_speed_runs_small(capsys):
+    """benchmarks/feature_speed.py end to end on 2 small images: both precisions timed, the ratio printed."""
+    results = _load("feature_speed").main(["--num", "2", "--batch-size", "2", "--size", "32", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert set(results) == {"32", "bf16"} and all(math.isfinite(r) and r > 0 for r in results.values()), results
+    assert "bf16 / fp32 = " in out and "2 images 32x32" in out, out

@@ -2,9 +2,9 @@
 CLIP (CLIP score, CMMD). Same interface as InceptionFeatures: uint8 RGB images in, `name`,
 `feature_dims`, `fingerprint()`, `features(images) -> {key: (B, dim) float32}`.
 
-Preprocessing is done in torch on the extractor's device. The resizes are bicubic with antialiasing
-(PIL's filter, which torch's antialiased bicubic reproduces) and rounded to 0..255 as PIL and the
-Hugging Face image processors do on uint8 images, before scaling to [0, 1] and normalising.
+Preprocessing is done in torch on the extractor's device. The resizes are PIL's bicubic resize of
+uint8 images (what dgm-eval and OpenAI's CLIP preprocessing run), reproduced in torch to +-1 level
+(resize_bicubic), before scaling to [0, 1] and normalising.
 """
 
 from __future__ import annotations
@@ -25,11 +25,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def resize_bicubic(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """float 0..255 (B, C, H, W) -> bicubic antialiased resize to `size`, rounded to integers in 0..255
-    (what resizing a uint8 image with PIL gives); unchanged at the same size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).round().clamp(0, 255)
+    """float 0..255 (B, C, H, W) -> `size` as PIL's bicubic resize of a uint8 image: antialiased (PIL's
+    a = -0.5 filter, which torch's antialiased bicubic uses), the width first, then the height, each
+    pass rounded half up and clipped to 0..255 as PIL stores it. Equal to PIL but for +-1 on a few pixels
+    (PIL's fixed-point weights); a single float pass would differ by up to ~20 levels on sharp edges,
+    where the bicubic overshoot is clipped between PIL's passes. Unchanged at the same size."""
+    h, w = size
+    if x.shape[-1] != w:
+        x = F.interpolate(x, size=(x.shape[-2], w), mode="bicubic", align_corners=False, antialias=True)
+        x = (x + 0.5).floor().clamp(0, 255)
+    if x.shape[-2] != h:
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        x = (x + 0.5).floor().clamp(0, 255)
+    return x
 
 
 def normalise(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
@@ -63,7 +71,8 @@ class _HubFeatures(FeatureExtractor):
 
 class DINOv2Features(_HubFeatures):
     """FD-DINOv2's extractor (Stein et al. 2023, dgm-eval): uint8 RGB (B, 3, H, W) or (B, H, W, 3) ->
-    resize to 224x224 bicubic (antialiased; the aspect ratio is not kept, as dgm-eval) -> [0, 1] ->
+    resize to 224x224 as PIL's bicubic (the aspect ratio is not kept: dgm-eval's default transform,
+    torchvision's Resize((224, 224), BICUBIC) on a PIL image) -> [0, 1] ->
     ImageNet mean/std -> Dinov2Model -> {"dinov2": the CLS token after the final layernorm (pooler_output)}.
 
     `model`: a hub id or a local directory; "facebook/dinov2-large" is ViT-L/14, dgm-eval's dinov2_vitl14."""
@@ -79,7 +88,7 @@ class DINOv2Features(_HubFeatures):
         self.name = f"dinov2:{model}"
         self.feature_dims = {"dinov2": int(self.model.config.hidden_size)}
         self.preprocessing = (
-            f"uint8 RGB -> resize {self.image_size}x{self.image_size} bicubic antialias, rounded -> /255 "
+            f"uint8 RGB -> resize {self.image_size}x{self.image_size} bicubic (PIL's, uint8) -> /255 "
             f"-> ImageNet mean {IMAGENET_MEAN} std {IMAGENET_STD}"
         )
 
@@ -98,8 +107,8 @@ class DINOv2Features(_HubFeatures):
 class CLIPFeatures(_HubFeatures):
     """CLIP image and text embeddings, L2-normalised: for CLIP score and CMMD.
 
-    Images: uint8 RGB -> shortest side resized to the vision tower's image_size (bicubic antialias,
-    rounded; the long side int(size * long / short), as CLIPImageProcessor) -> centre crop -> [0, 1] ->
+    Images: uint8 RGB -> shortest side resized to the vision tower's image_size (PIL's bicubic;
+    the long side int(size * long / short), as CLIPImageProcessor) -> centre crop -> [0, 1] ->
     CLIP mean/std -> {"clip": image embeds}. Text: `text_features(prompts)`, truncated to the tokenizer's
     maximum length (77 for OpenAI's). CMMD's paper (Jayasumana et al. 2024) uses ViT-L/14 at 336 pixels:
     model="openai/clip-vit-large-patch14-336"."""
@@ -119,7 +128,7 @@ class CLIPFeatures(_HubFeatures):
         self.name = f"clip:{model}"
         self.feature_dims = {"clip": int(config.projection_dim)}
         self.preprocessing = (
-            f"uint8 RGB -> shortest side {self.image_size} bicubic antialias, rounded -> centre crop "
+            f"uint8 RGB -> shortest side {self.image_size} bicubic (PIL's, uint8) -> centre crop "
             f"{self.image_size} -> /255 -> CLIP mean {CLIP_MEAN} std {CLIP_STD}; text truncated to {self.max_length} tokens"
         )
 
