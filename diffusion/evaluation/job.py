@@ -164,6 +164,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         needed = [s.feature for s in specs if s.kind in suite.NEEDS_REFERENCE]
         if reference is not None:
             check_compatible(reference, fingerprints, source.shape, needed, str(cfg.ref))
+            lacking = [s.name for s in specs if s.kind in suite.NEEDS_REFERENCE and s.kind in suite.NEEDS_FULL
+                       and s.feature not in reference.arrays]
+            if lacking and rank == 0:  # the full arrays live on process 0
+                raise ValueError(f"metrics {lacking} need every real image's features, and reference {cfg.ref} keeps "
+                                 "only their statistics; use ref=data (or a reference made with these metrics), or "
+                                 "leave them out of metrics=")
         samples = extract(source, extractors, fingerprints, out / "samples_features", full=full,
                           batch_size=cfg.batch_size, device=device, progress=cfg.progress, desc="sample features")
         if rank != 0:
