@@ -227,7 +227,7 @@ def _text_features(specs: list[suite.MetricSpec], extractors: dict[str, Any],
 
 def format_table(values: dict[str, float], num: int, reference: Reference | None) -> str:
     ref = "none" if reference is None else f"{reference.fingerprint.get('kind')} ({reference.count} images)"
-    width = max(len(k) for k in values) if values else 6
+    width = max([len("metric"), *map(len, values)])
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------------"]
     lines += [f"{k:<{width}}  {v:.6g}" for k, v in values.items()]
     lines.append(f"({num} samples; reference: {ref})")
