@@ -109,12 +109,17 @@ def _samples(cfg: DictConfig, specs: list[suite.MetricSpec]) -> tuple[ImageSourc
 
 
 def _reference(cfg: DictConfig, ckpt: Path | None, extractors: dict[str, Any], fingerprints: dict[str, dict],
-               full: list[str], device: torch.device, out: Path) -> Reference | None:
+               full: list[str], needed: list[str], resolution: tuple[int, int], device: torch.device,
+               out: Path) -> Reference | None:
+    """The reference, checked against these extractors and the samples' resolution (``needed``: the
+    features the metrics compare)."""
     ref = cfg.get("ref")
     if ref in (None, "none"):
         return None
     if str(ref) != "data":
         reference = open_reference(ref)
+        # Before extracting ADM's arr_0: 10,000 images through the wrong extractor would be wasted.
+        check_compatible(reference, fingerprints, resolution, needed, str(ref))
         missing = [n for n in full if n not in reference.arrays]
         if missing and reference.images is not None:  # ADM's arr_0 through our extractors, once, resumably
             wanted = {n.split("/")[0] for n in missing}
@@ -139,8 +144,10 @@ def _reference(cfg: DictConfig, ckpt: Path | None, extractors: dict[str, Any], f
                                int(cfg.ref_seed))
     digest = hashlib.sha256(json.dumps({**data_fp, "extractors": fingerprints}, sort_keys=True).encode()).hexdigest()
     cache = Path(cfg.ref_cache) if cfg.get("ref_cache") else Path(cfg.ref_cache_root) / f"{cfg.ref_split}-{digest[:12]}"
-    return reference_from_data(dataset, data_fp, extractors, fingerprints, cache, full=full,
-                               batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+    reference = reference_from_data(dataset, data_fp, extractors, fingerprints, cache, full=full,
+                                    batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+    check_compatible(reference, fingerprints, resolution, needed, f"ref=data ({cache})")
+    return reference
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -160,10 +167,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         extractors = build_extractors(cfg, {f.split("/")[0] for f in features}, device, precision)
         fingerprints = describe_extractors(extractors)
         out = Path(cfg.out) if cfg.get("out") else _default_out(source)
-        reference = _reference(cfg, ckpt, extractors, fingerprints, full, device, out)
         needed = [s.feature for s in specs if s.kind in suite.NEEDS_REFERENCE]
+        reference = _reference(cfg, ckpt, extractors, fingerprints, full, needed, source.shape, device, out)
         if reference is not None:
-            check_compatible(reference, fingerprints, source.shape, needed, str(cfg.ref))
             lacking = [s.name for s in specs if s.kind in suite.NEEDS_REFERENCE and s.kind in suite.NEEDS_FULL
                        and s.feature not in reference.arrays]
             if lacking and rank == 0:  # the full arrays live on process 0
@@ -228,7 +234,7 @@ def _text_features(specs: list[suite.MetricSpec], extractors: dict[str, Any],
 
 def format_table(values: dict[str, float], num: int, reference: Reference | None) -> str:
     ref = "none" if reference is None else f"{reference.fingerprint.get('kind')} ({reference.count} images)"
-    width = max(len(k) for k in values) if values else 6
+    width = max([len("metric"), *map(len, values)])
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------------"]
     lines += [f"{k:<{width}}  {v:.6g}" for k, v in values.items()]
     lines.append(f"({num} samples; reference: {ref})")

@@ -12,6 +12,7 @@ A PNG is lossless, so a job's folder and its ``samples.npz`` give the same numbe
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,13 @@ class ImageSource:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        return {"source": self.name, "num": len(self), "resolution": list(self.shape)}
+        """What identifies these images: a resumed extraction must find the same (see ``content``)."""
+        return {"source": self.name, "num": len(self), "resolution": list(self.shape), **self.content()}
+
+    def content(self) -> dict:
+        """A cheap stand-in for the images' bytes, so that features extracted from images since replaced
+        at the same path are not reused; none by default."""
+        return {}
 
 
 def check_images(images: np.ndarray, what: str) -> np.ndarray:
@@ -111,12 +118,21 @@ class NpzImages(ImageSource):
                 raise ValueError(f"{path}:{key} is in .npy format version {version}; write it with np.savez")
             shape, fortran, dtype = read_header(f)
             self._offset = f.tell()
-        if dtype.kind == "f" or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        if dtype.kind == "f" or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
             with np.load(self.path) as f:  # the full check, with its NaN test and hints
                 check_images(f[key], f"{path}:{key}")
+        if fortran:  # column-major bytes: a slice of rows is not contiguous, so read it whole
+            with np.load(self.path) as f:
+                self._array = np.ascontiguousarray(f[key])
         self._shape4 = shape
         self.shape = tuple(shape[1:3])
         self._row = int(np.prod(shape[1:]))
+
+    def content(self) -> dict:
+        # The member's CRC-32 and size, read from the zip directory: free, and unchanged when a finished
+        # sampling job rewrites the same images (the file's own bytes, with the zip's timestamps, are not).
+        info = self._zip.getinfo(self._member)
+        return {"crc32": info.CRC, "bytes": info.file_size}
 
     def __len__(self) -> int:
         return len(self._array) if self._array is not None else self._shape4[0]
@@ -148,6 +164,14 @@ class FolderImages(ImageSource):
                 return np.asarray(image.convert("RGB"))
         except (OSError, ValueError) as e:
             raise ValueError(f"{file} cannot be read as an image ({e}); replace or delete it") from None
+
+    def content(self) -> dict:
+        # Names, sizes and modification times of the files: a stat each, not a read.
+        digest = hashlib.sha256()
+        for file in self.files:
+            stat = file.stat()
+            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return {"files_sha256": digest.hexdigest()}
 
     def __len__(self) -> int:
         return len(self.files)
