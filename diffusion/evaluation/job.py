@@ -146,7 +146,7 @@ def _reference(cfg: DictConfig, ckpt: Path | None, extractors: dict[str, Any], f
     cache = Path(cfg.ref_cache) if cfg.get("ref_cache") else Path(cfg.ref_cache_root) / f"{cfg.ref_split}-{digest[:12]}"
     reference = reference_from_data(dataset, data_fp, extractors, fingerprints, cache, full=full,
                                     batch_size=cfg.batch_size, device=device, progress=cfg.progress)
-    check_compatible(reference, fingerprints, resolution, needed, f"ref=data ({cache})", full)
+    check_compatible(reference, fingerprints, resolution, needed, f"ref=data ({cache})")  # its arrays: on process 0 only
     return reference
 
 
