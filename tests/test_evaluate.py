@@ -318,6 +318,22 @@ def test_an_adm_reference_batch_gives_the_direct_distances(adm_batch, samples, t
     assert record["reference"]["kind"] == "adm_reference_batch" and record["reference"]["num"] == 40
 
 
+def test_an_adm_reference_batch_of_statistics_alone_serves_the_frechet_distances(adm_batch, samples, tmp_path):
+    """mu/sigma without arr_0: the resolution and count are unknown, so neither is refused nor warned about;
+    a metric that needs the real features is refused."""
+    path, _ = adm_batch
+    with np.load(path) as batch:
+        stats_only = _npz(tmp_path / "stats.npz", mu=batch["mu"], sigma=batch["sigma"])
+        fake = tiny_features(np.load(samples)["arr_0"])["pool"]
+        direct = M.frechet_distance(*stats(fake), batch["mu"], batch["sigma"])
+    args = [f"samples={samples}", f"ref={stats_only}", "extractors.inception._target_=tests.test_evaluate.AdmLikeTiny"]
+    record = evaluate(config(tmp_path, *args, f"out={tmp_path / 'eval'}", "metrics=[fid]"))
+    assert record["metrics"] == {"fid": pytest.approx(direct, rel=1e-9)} and not record["warnings"]
+    with pytest.raises(ValueError, match=r"it holds only the statistics of \[.inception/pool.\], and a chosen "
+                                         r"metric needs every real feature vector"):
+        evaluate(config(tmp_path, *args, f"out={tmp_path / 'kid'}", "metrics=[kid]"))
+
+
 def test_an_adm_reference_batch_is_refused_for_another_inception(adm_batch, samples, tmp_path):
     path, _ = adm_batch
     with pytest.raises(ValueError, match=r"(?s)does not match this evaluation:.*extractors.inception.extractor: "

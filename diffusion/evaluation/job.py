@@ -119,7 +119,7 @@ def _reference(cfg: DictConfig, ckpt: Path | None, extractors: dict[str, Any], f
     if str(ref) != "data":
         reference = open_reference(ref)
         # Before extracting ADM's arr_0: 10,000 images through the wrong extractor would be wasted.
-        check_compatible(reference, fingerprints, resolution, needed, str(ref))
+        check_compatible(reference, fingerprints, resolution, needed, str(ref), full)
         missing = [n for n in full if n not in reference.arrays]
         if missing and reference.images is not None:  # ADM's arr_0 through our extractors, once, resumably
             wanted = {n.split("/")[0] for n in missing}
@@ -146,7 +146,7 @@ def _reference(cfg: DictConfig, ckpt: Path | None, extractors: dict[str, Any], f
     cache = Path(cfg.ref_cache) if cfg.get("ref_cache") else Path(cfg.ref_cache_root) / f"{cfg.ref_split}-{digest[:12]}"
     reference = reference_from_data(dataset, data_fp, extractors, fingerprints, cache, full=full,
                                     batch_size=cfg.batch_size, device=device, progress=cfg.progress)
-    check_compatible(reference, fingerprints, resolution, needed, f"ref=data ({cache})")
+    check_compatible(reference, fingerprints, resolution, needed, f"ref=data ({cache})")  # its arrays: on process 0 only
     return reference
 
 

@@ -38,7 +38,7 @@ class Reference:
 
     stats: dict[str, tuple[np.ndarray, np.ndarray]]
     count: int
-    resolution: tuple[int, int]
+    resolution: tuple[int, int]  # (0, 0) when unknown
     fingerprint: dict[str, Any]  # how it was made; compared with the samples' extractors
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     images: ImageSource | None = None  # ADM's arr_0: its features are extracted when a metric needs them
@@ -85,8 +85,9 @@ def differences(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: s
 
 
 def check_compatible(reference: Reference, fingerprints: Mapping[str, dict], resolution: tuple[int, int],
-                     needed: list[str], where: str) -> None:
-    """Refuse a reference made by other extractors, at another resolution, or without a needed feature."""
+                     needed: list[str], where: str, full: list[str] = ()) -> None:
+    """Refuse a reference made by other extractors, at another resolution, or without a needed feature
+    (``full``: those whose every real feature vector is needed, not just their statistics)."""
     problems = []
     for name in sorted({n.split("/")[0] for n in needed}):
         made = reference.fingerprint.get("extractors", {}).get(name)
@@ -95,11 +96,15 @@ def check_compatible(reference: Reference, fingerprints: Mapping[str, dict], res
         elif name in fingerprints:
             now = {k: fingerprints[name].get(k) for k in made if k != "precision"}  # what the reference records
             problems += differences(now, {k: v for k, v in made.items() if k != "precision"}, f"extractors.{name}.")
-    if tuple(reference.resolution) != tuple(resolution):
+    # (0, 0): unknown, an ADM batch without arr_0 (its mu/sigma alone do not say what size they were made at).
+    if tuple(reference.resolution) not in ((0, 0), tuple(resolution)):
         problems.append(f"resolution: {tuple(reference.resolution)} in the reference, {tuple(resolution)} for the samples")
     missing = [n for n in needed if n not in reference.stats and n not in reference.arrays and reference.images is None]
     if missing:
         problems.append(f"it lacks the features {missing}")
+    whole = [n for n in full if n in needed and n not in missing and n not in reference.arrays and reference.images is None]
+    if whole:  # e.g. an ADM batch without arr_0: mu/sigma serve FID, not KID or precision/recall
+        problems.append(f"it holds only the statistics of {whole}, and a chosen metric needs every real feature vector")
     if problems:
         raise ValueError(f"reference {where} does not match this evaluation:\n  " + "\n  ".join(problems)
                          + "\nrecompute it (ref=data with the same extractors) or pass a reference made for these samples")
@@ -132,7 +137,7 @@ def read_adm_reference(path: str | Path) -> Reference:
     resolution = images.shape if images is not None else (0, 0)
     fingerprint = {"kind": "adm_reference_batch", "path": str(path), "sha256": file_sha256(path),
                    "extractors": {INCEPTION: dict(ADM_INCEPTION)}}
-    count = len(images) if images is not None else 0
+    count = len(images) if images is not None else 0  # 0: unknown
     return Reference(stats, count, resolution, fingerprint, images=images)
 
 

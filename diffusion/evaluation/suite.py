@@ -90,7 +90,7 @@ def compute(specs: Sequence[MetricSpec], samples: Features, reference: Reference
             if name != spec.name:
                 notes.append(f"{name}: {n} samples, fewer than the {dim} feature dimensions: the covariance is singular "
                              f"and the value is biased upwards; compare it only with {name} of other models")
-            if reference.count < dim:
+            if 0 < reference.count < dim:  # 0: not known (an ADM batch without arr_0)
                 notes.append(f"{name}: the reference has {reference.count} images, fewer than the {dim} feature "
                              "dimensions; the value compares only with evaluations against the same reference")
             values[name] = M.frechet_distance(stats.mean(), stats.cov(), mu, sigma)
