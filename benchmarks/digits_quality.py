@@ -29,6 +29,7 @@ from diffusion.cli import load_module
 from diffusion.data import load_digits_split
 from diffusion.evaluation import metrics
 from diffusion.evaluation.inception import InceptionFeatures
+from diffusion.evaluation.reference import real_to_uint8
 from diffusion.evaluation.sources import float_to_uint8
 from diffusion.evaluation.suite import reported_name
 from diffusion.images import save_grid
@@ -47,12 +48,6 @@ def train_run(overrides: list[str], run_dir: Path) -> float:
 def to_pixels(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] images -> the 0..16 flattened pixels scikit-learn's digits use."""
     return ((images.clamp(-1, 1) + 1) * 8).flatten(1).numpy()
-
-
-def real_uint8(images: torch.Tensor) -> np.ndarray:
-    """Real digits as the evaluation's reference reads them: rounded back to their bytes, RGB."""
-    x = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
-    return x.permute(0, 2, 3, 1).numpy()
 
 
 def inception_pool(extractor: InceptionFeatures, images: np.ndarray, batch_size: int = 50) -> tuple[np.ndarray, float]:
@@ -101,10 +96,10 @@ def main() -> None:
 
     # FID / KID against the held-out real digits; the floor: as many real training digits against them.
     extractor = InceptionFeatures().eval()
-    val, _ = inception_pool(extractor, real_uint8(split["val"][0]))
+    val, _ = inception_pool(extractor, real_to_uint8(split["val"][0]))
     fake, speed = inception_pool(extractor, float_to_uint8(images, "the run's samples"))
     train_images = split["train"][0][torch.randperm(len(split["train"][0]), generator=torch.Generator().manual_seed(0))]
-    floor, _ = inception_pool(extractor, real_uint8(train_images[:len(images)]))
+    floor, _ = inception_pool(extractor, real_to_uint8(train_images[:len(images)]))
     name = reported_name("fid", len(images), fake.shape[1])
     fid, kid, kid_std = fid_kid(fake, val)
     floor_fid, floor_kid, floor_kid_std = fid_kid(floor, val)

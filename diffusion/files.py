@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -17,6 +18,18 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def save_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """``np.savez`` of ``arrays`` to ``path`` through :func:`write_atomic` (uncompressed: members stay
+    seekable, which the evaluation's slice reader relies on)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the name
+            np.savez(f, **arrays)
+
+    write_atomic(path, write)
 
 
 def file_sha256(path: Path) -> str:

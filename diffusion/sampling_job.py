@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion.files import file_sha256, write_atomic
+from diffusion.files import file_sha256, save_npz, write_atomic
 from diffusion.images import save_grid
 
 #: Stops a job after this many batches of a process (tests use it to stand for a killed job).
@@ -97,14 +97,6 @@ def count_done(done: Sequence[range], num: int) -> int:
     return int(covered.sum())
 
 
-def _save_npz(arrays: dict[str, np.ndarray]) -> Callable[[Path], None]:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the name
-            np.savez(f, **arrays)
-
-    return write
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
@@ -144,7 +136,7 @@ def run_shard(out: Path, num: int, rank: int, world_size: int, batch_size: int,
             for i, image in zip(indices, images):
                 write_atomic(out / "images" / f"{i:06d}.png",
                               lambda tmp, im=image: Image.fromarray(im).save(tmp, "PNG"))
-        write_atomic(parts / f"{indices.start:06d}-{indices.stop:06d}.npz", _save_npz({"images": images}))
+        save_npz(parts / f"{indices.start:06d}-{indices.stop:06d}.npz", {"images": images})
         bar.n = count_done(done_ranges(parts), num)
         bar.refresh()
     if rank == 0:
@@ -184,7 +176,7 @@ def write_outputs(out: Path, images: np.ndarray, conditions: tuple[str, list] | 
     if conditions is not None:
         name, values = conditions
         arrays[name] = np.asarray(values, dtype=np.int64 if name == "labels" else np.str_)
-    write_atomic(out / "samples.npz", _save_npz(arrays))
+    save_npz(out / "samples.npz", arrays)
     first = torch.from_numpy(images[:GRID_IMAGES]).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid(first, out / "grid.png")
     write_json(out / "samples.json", record)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from diffusion.evaluation.metrics import FeatureStats
 from diffusion.evaluation.sources import ImageSource
-from diffusion.files import write_atomic
+from diffusion.files import save_npz
 from diffusion.sampling_job import StoppedForTest, check_manifest, done_ranges, pending_batches, shard
 
 #: Stops an extraction after this many batches of a process (tests use it to stand for a killed job).
@@ -63,14 +63,6 @@ def _run_extractors(extractors: Mapping[str, Extractor], images: np.ndarray, dev
             for key, value in extractor(x).items():
                 out[feature_name(name, key)] = value.float().cpu().numpy()
     return out
-
-
-def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    write_atomic(path, write)
 
 
 def _read_range(parts: Path, lo: int, hi: int, names: Iterable[str]) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
@@ -113,21 +105,25 @@ def extract(source: ImageSource, extractors: Mapping[str, Extractor], fingerprin
         if out is None:
             in_memory.append(arrays)
         else:
-            _save_part(out / "features" / f"{indices.start:06d}-{indices.stop:06d}.npz", arrays)
+            save_npz(out / "features" / f"{indices.start:06d}-{indices.stop:06d}.npz", arrays)
         bar.update(len(indices))
     bar.close()
     if dist.is_initialized():
         dist.barrier()  # every part is written before any process reads another's
 
-    batches = iter(in_memory) if out is None else (a for _, a in _read_range(out / "features", mine.start, mine.stop, _names(out)))
-    stats: dict[str, FeatureStats] = {}
+    if out is None:
+        if not in_memory:
+            raise ValueError("a process got no images to evaluate: use fewer processes than images")
+        dims = {n: int(v.shape[1]) for n, v in in_memory[0].items()}
+        batches: Iterable[dict[str, np.ndarray]] = in_memory
+    else:
+        dims = _part_dims(out)
+        batches = (a for _, a in _read_range(out / "features", mine.start, mine.stop, dims))
+    stats = {n: FeatureStats(dims[n]) for n in sorted(dims)}  # also for a process with an empty shard
     for arrays in batches:
         for name, value in arrays.items():
-            stats.setdefault(name, FeatureStats(value.shape[1])).update(value)
-    names = sorted(stats) if stats else _names(out) if out is not None else []
-    dims = _dims(out, names, stats)
-    stats = {n: stats.get(n) or FeatureStats(dims[n]) for n in names}  # a process with an empty shard
-    for name in names:
+            stats[name].update(value)
+    for name in stats:  # the same order on every process
         stats[name].all_reduce()
 
     arrays: dict[str, np.ndarray] = {}
@@ -145,22 +141,13 @@ def extract(source: ImageSource, extractors: Mapping[str, Extractor], fingerprin
     return Features(stats, arrays)
 
 
-def _names(out: Path) -> list[str]:
+def _part_dims(out: Path) -> dict[str, int]:
+    """{"<extractor>/<key>": feature dimension} of the parts in ``out/features`` (read off the first)."""
     ranges = done_ranges(out / "features")
     if not ranges:
-        return []
+        return {}
     with np.load(out / "features" / f"{ranges[0].start:06d}-{ranges[0].stop:06d}.npz") as part:
-        return sorted(part.files)
-
-
-def _dims(out: Path | None, names: list[str], stats: dict[str, FeatureStats]) -> dict[str, int]:
-    if all(n in stats for n in names):
-        return {n: stats[n].dim for n in names}
-    if out is None:
-        raise ValueError("a process got no images to evaluate: use fewer processes than images")
-    ranges = done_ranges(out / "features")
-    with np.load(out / "features" / f"{ranges[0].start:06d}-{ranges[0].stop:06d}.npz") as part:
-        return {n: int(part[n].shape[1]) for n in names}
+        return {n: int(part[n].shape[1]) for n in part.files}
 
 
 def describe_extractors(extractors: Mapping[str, Any]) -> dict[str, dict]:

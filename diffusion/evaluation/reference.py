@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from diffusion.evaluation.features import Extractor, extract, feature_name
 from diffusion.evaluation.sources import ImageSource, NpzImages
-from diffusion.files import file_sha256, write_atomic
+from diffusion.files import file_sha256, save_npz
 
 INCEPTION = "inception"
 ADM_KEYS = {feature_name(INCEPTION, "pool"): ("mu", "sigma"), feature_name(INCEPTION, "spatial"): ("mu_s", "sigma_s")}
@@ -47,29 +48,30 @@ class Reference:
         return {**self.fingerprint, "num": self.count, "resolution": list(self.resolution)}
 
 
+def real_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Real images (B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8 by rounding (see the module docstring)."""
+    if not torch.isfinite(x).all():
+        raise ValueError("a real image holds NaN or infinite values")
+    x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
 class DatasetImages(ImageSource):
     """A dataset's images ({"image": (C, H, W) in [-1, 1]}) as uint8 RGB, rounded (see the module docstring);
     ``indices`` picks the images taken."""
 
     def __init__(self, dataset: Any, indices: np.ndarray, name: str):
         self.dataset, self.indices, self.name = dataset, indices, name
-        first = self._uint8(self.dataset[int(indices[0])]["image"][None])
+        first = real_to_uint8(self.dataset[int(indices[0])]["image"][None])
         self.shape = tuple(first.shape[1:3])
-
-    @staticmethod
-    def _uint8(x: torch.Tensor) -> np.ndarray:
-        if not torch.isfinite(x).all():
-            raise ValueError("a real image holds NaN or infinite values")
-        x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return x.permute(0, 2, 3, 1).numpy()
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def batch(self, start: int, stop: int) -> np.ndarray:
-        return np.concatenate([self._uint8(self.dataset[int(i)]["image"][None]) for i in self.indices[start:stop]])
+        return np.concatenate([real_to_uint8(self.dataset[int(i)]["image"][None]) for i in self.indices[start:stop]])
 
 
 def differences(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -152,12 +154,8 @@ def save_reference(path: Path, reference: Reference) -> None:
     meta = {"fingerprint": reference.fingerprint, "count": reference.count, "resolution": list(reference.resolution)}
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, write)
+    save_npz(path, arrays)
 
 
 def load_reference(path: str | Path) -> Reference:
@@ -215,8 +213,6 @@ def reference_from_data(dataset: Any, data_fp: dict[str, Any], extractors: Mappi
                        device=device, progress=progress, desc="reference features")
     stats = {n: (s.mean(), s.cov()) for n, s in features.stats.items()}
     reference = Reference(stats, features.count, source.shape, fingerprint, features.arrays)
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_reference(path, reference)
     if dist.is_initialized():
