@@ -283,7 +283,7 @@ def test_device_and_precision_are_resolved(monkeypatch):
     (["labels=random"], r"labels='random' is not supported; give a list of classes"),
     (["labels=[3,10]"], r"labels=\[3, 10\]: need class labels in 0..9 .*out of range: \[10\]"),
     (["prompts=[cat]"], r"conditioned on class labels 0..9, so prompts= does not apply; sample it with labels="),
-    (["sampler=heun", "eta=0.5"], r"eta=0.5 applies to sampler=ddim only; sampler=heun ignores it"),
+    (["sampler=heun", "eta=0.5"], r"eta=0.5 applies to sampler=ddim, euler_ancestral, dpmpp_2m_sde only; sampler=heun ignores it"),
     (["sampler=ddim", "eta=2"], r"eta=2.*must be in \[0, 1\]"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(overrides, message, ckpt, tmp_path):
