@@ -268,7 +268,7 @@ def sample(cfg: DictConfig) -> Path:
     from diffusion import sampling_options as opts
     from diffusion.files import file_sha256
     from diffusion.precision import process_env, resolve_device, resolve_precision
-    from diffusion.samplers import PerSampleNoise
+    from diffusion.samplers import PerSampleNoise, get_sampler
 
     for key, what in (("num", "the number of images to sample"), ("batch_size", "the images of a batch")):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
@@ -284,6 +284,7 @@ def sample(cfg: DictConfig) -> Path:
     job.check_manifest(out, args.manifest)
 
     calls: list[int] = []  # backbone calls of each batch: the model evaluations of an image
+    sampler = get_sampler(args.sampler, **args.options) if args.options else args.sampler  # with its options bound
 
     def draw(indices: range) -> Tensor:
         noise = PerSampleNoise([opts.noise_seed(cfg.seed, i) for i in indices])
@@ -292,7 +293,7 @@ def sample(cfg: DictConfig) -> Path:
         calls.append(0)
         hook = model.ema.module.register_forward_pre_hook(lambda *_: calls.__setitem__(count, calls[count] + 1))
         try:
-            return model.sample(len(indices), condition, sampler=args.sampler, steps=args.steps,
+            return model.sample(len(indices), condition, sampler=sampler, steps=args.steps,
                                 cfg_scale=args.cfg_scale, generator=noise, grid=args.grid, eta=args.eta,
                                 precision=precision, progress=False)
         finally:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from diffusion._checks import check_choice
-from diffusion.samplers import grids
+from diffusion.samplers import get_sampler, grids
 from diffusion.schedules import Schedule
 from diffusion.training.randomness import sample_seed
 
@@ -23,6 +24,7 @@ class SamplingArgs:
     """sample.py's arguments, resolved against the checkpoint's run and checked."""
 
     sampler: str
+    options: dict[str, Any]  # the sampler group's own options (e.g. sde's diffusion_form), checked
     steps: int
     cfg_scale: float
     grid: Callable[[int], Tensor] | None  # None: the run's own
@@ -41,6 +43,7 @@ def resolve(cfg: Any, model: Any, ckpt: Path, device: Any, precision: str) -> Sa
     cfg_scale = float(cfg.cfg_scale if cfg.cfg_scale is not None else model.sampling.cfg_scale)  # the run's guidance
     grid = named_grid(cfg.get("grid"), model.schedule, cfg.get("grid_shift"))
     eta = check_eta(cfg.get("eta"), sampler)
+    options = sampler_group_options(chosen, sampler)
     mode, values = conditions(model.conditioner.takes, model.num_classes, cfg.num, cfg.seed, cfg.labels,
                               cfg.get("prompts"), source=str(ckpt))
     times = (grid or model.sampling.grid)(steps)  # a grid that cannot be made (e.g. too many steps): refused here
@@ -53,13 +56,25 @@ def resolve(cfg: Any, model: Any, ckpt: Path, device: Any, precision: str) -> Sa
                 "png": bool(cfg.get("png", False))}
     if cfg.get("grid") == "shifted":
         manifest["grid_shift"] = float(cfg.grid_shift)
-    return SamplingArgs(sampler, steps, cfg_scale, grid, times, eta, mode, values, manifest)
+    if options:  # only then, so that the jobs of the samplers without options resume as they were
+        manifest["sampler_options"] = options
+    return SamplingArgs(sampler, options, steps, cfg_scale, grid, times, eta, mode, values, manifest)
+
+
+def sampler_group_options(chosen: Any, sampler: str) -> dict[str, Any]:
+    """The options the sampler group sets besides its name and steps (conf/sampler/sde.yaml's
+    diffusion_form, ...), as plain values; ValueError if ``sampler`` takes no such option."""
+    options = {key: value for key, value in dict(chosen).items() if key not in ("name", "steps")}
+    options = OmegaConf.to_container(OmegaConf.create(options)) if options else {}
+    get_sampler(sampler, **options)  # refuses an option the sampler does not take
+    return options
 
 
 LABEL_KEY = 0x1ABE1  # keys the label draws apart from the noise of the same image
 LABEL_MODES = ("uniform",)  # besides null (cycle the classes) and an explicit list
 GRIDS = ("uniform", "shifted", "karras", "trailing", "linspace", "leading")
-TAKE_ETA = ("ddim",)  # ancestral is ddim with eta = 1; the others are deterministic
+TAKE_ETA = ("ddim", "euler_ancestral", "dpmpp_2m_sde")  # ancestral is ddim with eta = 1; sde has its own
+# diffusion_form; the others are deterministic
 
 
 def noise_seed(seed: int, index: int) -> int:
@@ -144,8 +159,9 @@ def check_eta(eta: float | None, sampler: str) -> float | None:
     if eta is None:
         return None
     if sampler not in TAKE_ETA:
-        raise ValueError(f"eta={eta} applies to sampler=ddim only; sampler={sampler} ignores it (ancestral is ddim "
-                         "with eta=1): leave eta out, or pass sampler=ddim")
+        raise ValueError(f"eta={eta} applies to sampler={', '.join(TAKE_ETA)} only; sampler={sampler} ignores it "
+                         "(ancestral is ddim with eta=1): leave eta out, or pass sampler=ddim")
     if not 0 <= float(eta) <= 1:
-        raise ValueError(f"eta={eta}: must be in [0, 1] (0: deterministic DDIM, 1: DDPM ancestral)")
+        raise ValueError(f"eta={eta}: must be in [0, 1] (0: deterministic, e.g. DDIM; 1: fully stochastic, e.g. DDPM "
+                         "ancestral)")
     return float(eta)

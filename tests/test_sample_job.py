@@ -63,7 +63,8 @@ def test_per_sample_noise_draws_each_row_from_its_own_seed():
         noise.randn((2, 4))
 
 
-@pytest.mark.parametrize("sampler", ["sampler=ancestral", "sampler=ddim eta=1", "sampler=heun"])
+@pytest.mark.parametrize("sampler", ["sampler=ancestral", "sampler=ddim eta=1", "sampler=heun", "sampler=sde",
+                                     "sampler=dpmpp_2m_sde"])
 def test_images_do_not_depend_on_the_batch_size(sampler, ckpt, tmp_path):
     """Images 0..7 with guidance, in batches of 8, 3 and 1: each image's initial noise and the noise the
     stochastic samplers add come from its own seed. Bit for bit on this CPU (float32 matmuls of a
@@ -272,6 +273,18 @@ def test_device_and_precision_are_resolved(monkeypatch):
     assert precision.resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
 
 
+def test_the_sampler_groups_options_from_the_command_line(ckpt, tmp_path):
+    """sde's options reach the sampler (no diffusion is Euler, image for image) and the record."""
+    options = ["sampler=sde", "sampler.diffusion_form=constant", "sampler.diffusion_norm=0", "num=4"]
+    sde_images = _sample(ckpt, tmp_path / "sde", *options)["arr_0"]
+    np.testing.assert_array_equal(sde_images, _sample(ckpt, tmp_path / "euler", "sampler=euler", "num=4")["arr_0"])
+    record = json.loads((tmp_path / "sde" / "samples.json").read_text())
+    assert record["sampler_options"] == {"diffusion_form": "constant", "diffusion_norm": 0}
+    assert "sampler_options" not in json.loads((tmp_path / "euler" / "samples.json").read_text())
+    noisy = _sample(ckpt, tmp_path / "sde-noisy", "sampler=sde", "num=4")["arr_0"]
+    assert not np.array_equal(noisy, sde_images)
+
+
 # --- refusals --------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["num=0"], r"num=0: the number of images to sample must be an integer >= 1"),
@@ -283,8 +296,9 @@ def test_device_and_precision_are_resolved(monkeypatch):
     (["labels=random"], r"labels='random' is not supported; give a list of classes"),
     (["labels=[3,10]"], r"labels=\[3, 10\]: need class labels in 0..9 .*out of range: \[10\]"),
     (["prompts=[cat]"], r"conditioned on class labels 0..9, so prompts= does not apply; sample it with labels="),
-    (["sampler=heun", "eta=0.5"], r"eta=0.5 applies to sampler=ddim only; sampler=heun ignores it"),
+    (["sampler=heun", "eta=0.5"], r"eta=0.5 applies to sampler=ddim, euler_ancestral, dpmpp_2m_sde only; sampler=heun ignores it"),
     (["sampler=ddim", "eta=2"], r"eta=2.*must be in \[0, 1\]"),
+    (["sampler=sde", "+sampler.diffusion=sigma"], r"sampler=sde has no option diffusion; its options: diffusion_form"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(overrides, message, ckpt, tmp_path):
     out = tmp_path / "out"

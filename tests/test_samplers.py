@@ -113,6 +113,9 @@ SAMPLER_KWARGS = {
     "ancestral": {"generator": torch.Generator().manual_seed(3)},
     "heun": {},
     "dpmpp_2m": {},
+    "euler_ancestral": {"generator": torch.Generator().manual_seed(3)},
+    "dpmpp_2m_sde": {"generator": torch.Generator().manual_seed(3)},
+    "sde": {"generator": torch.Generator().manual_seed(3)},
 }
 
 
