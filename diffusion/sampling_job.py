@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion.files import file_sha256, save_npz, write_atomic
+from diffusion.files import save_npz, write_atomic
 from diffusion.images import save_grid
 
 #: Stops a job after this many batches of a process (tests use it to stand for a killed job).

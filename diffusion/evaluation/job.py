@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion.evaluation import suite
-from diffusion.evaluation.features import Features, describe_extractors, extract
+from diffusion.evaluation.features import describe_extractors, extract
 from diffusion.evaluation.reference import (
     Reference,
     check_compatible,
