@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from diffusion.samplers import SAMPLERS
+
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 THEORY = NOTEBOOKS / "theory.ipynb"
 SAMPLING = NOTEBOOKS / "sampling.ipynb"  # trains a tiny checkpoint with train.py first (CKPT unset)
@@ -61,10 +63,20 @@ def test_theory_notebook_prints_the_numbers_of_its_derivation(execute):
     header = re.search(r"^\s*theory\s+(.+?)\s+\(", text, re.M).group(1).split()
     rows = {name: dict(zip(header, map(float, values.split())))
             for name, values in re.findall(r"^\s*(flow matching|DDPM eps|DDPM v|trig \(new\))\s+([\d. ]+)$", text, re.M)}
-    assert set(rows) == {"flow matching", "DDPM eps", "DDPM v", "trig (new)"} and len(header) == 5, (header, rows)
+    assert set(rows) == {"flow matching", "DDPM eps", "DDPM v", "trig (new)"} and header == list(SAMPLERS), (header, rows)
     for name, row in rows.items():
         assert max(row.values()) < 0.5, (name, row)
         assert row["heun"] < 0.7 * row["euler"] and row["dpmpp_2m"] < 0.7 * row["euler"], (name, row)
+    # EDM: c_skip and c_out read off the inverted matrix are the paper's, and its weight on F is 1.
+    skip, out = (float(e) for e in re.search(r"max \|c_skip - paper\| = (\S+), max \|c_out - paper\| = (\S+)", text).groups())
+    assert skip < 1e-12 and out < 1e-12
+    assert re.search(r"EDM weight on F\s+tensor\(\[1\.0000, 1\.0000, 1\.0000\]", text)
+    # EDM and VE at 18 steps on their own grids (measured: euler 0.69 / 0.63, heun 0.26 / 0.23).
+    exploding = {name: dict(zip(header, map(float, values.split())))
+                 for name, values in re.findall(r"^\s*(EDM|VE)\s+([\d. ]+)$", text, re.M)}
+    assert set(exploding) == {"EDM", "VE"}, exploding
+    for name, row in exploding.items():
+        assert row["heun"] < 0.5 * row["euler"] and row["dpmpp_2m"] < 0.6 * row["euler"], (name, row)
 
 
 def test_sampling_notebook_samplers_converge_to_the_ode_solution(execute, monkeypatch):
