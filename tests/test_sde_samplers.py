@@ -115,6 +115,8 @@ REFERENCE_GRIDS = {
     "ddpm-linear-eps": lambda n: grids.ddpm(n, "trailing"),
     "ddpm-linear-v": lambda n: grids.ddpm(n, "trailing"),
     "ddpm-cosine-x0": lambda n: grids.karras(n, THEORIES["ddpm-cosine-x0"][0]()),
+    "edm": THEORIES["edm"][1],  # alpha = 1: k-diffusion's view is the path itself
+    "ve": THEORIES["ve"][1],
 }
 
 
