@@ -30,9 +30,9 @@ from diffusion.data import load_digits_split
 from diffusion.evaluation import metrics
 from diffusion.evaluation.inception import InceptionFeatures
 from diffusion.evaluation.reference import real_to_uint8
-from diffusion.evaluation.sources import float_to_uint8
 from diffusion.evaluation.suite import reported_name
 from diffusion.images import save_grid
+from diffusion.sampling_job import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def main() -> None:
     # FID / KID against the held-out real digits; the floor: as many real training digits against them.
     extractor = InceptionFeatures().eval()
     val, _ = inception_pool(extractor, real_to_uint8(split["val"][0]))
-    fake, speed = inception_pool(extractor, float_to_uint8(images, "the run's samples"))
+    fake, speed = inception_pool(extractor, to_uint8(images, "the run's samples"))
     train_images = split["train"][0][torch.randperm(len(split["train"][0]), generator=torch.Generator().manual_seed(0))]
     floor, _ = inception_pool(extractor, real_to_uint8(train_images[:len(images)]))
     name = reported_name("fid", len(images), fake.shape[1])

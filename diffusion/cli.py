@@ -261,9 +261,12 @@ def load_module(path: str | Path) -> DiffusionModule:
     return model.eval()
 
 
-def sample(cfg: DictConfig) -> Path:
-    """A sampling job (diffusion.sampling_job): ``num`` images into the directory ``out``, on this process's
-    device, split over the processes of torchrun or srun; returns the samples.npz written."""
+def sample(cfg: DictConfig, *, out_key: str = "out", num_in_name: bool = False) -> Path:
+    """A sampling job (diffusion.sampling_job): ``num`` images into the directory ``cfg[out_key]``, on this
+    process's device, split over the processes of torchrun or srun; returns the samples.npz written.
+
+    The default directory is ``<run dir>/samples/<sampler>_<steps>_cfg<w>_seed<s>`` (``_num<N>`` appended
+    with ``num_in_name``: evaluate.py's, so that evaluations of different sizes do not share one)."""
     from diffusion import sampling_job as job
     from diffusion import sampling_options as opts
     from diffusion.files import file_sha256
@@ -279,9 +282,9 @@ def sample(cfg: DictConfig) -> Path:
     path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path).to(device)
     args = opts.resolve(cfg, model, path, device, precision)
-    default_out = run_of(path) / "samples" / f"{args.sampler}_{args.steps}_cfg{args.cfg_scale:g}_seed{cfg.seed}"
-    out = Path(cfg.out) if cfg.out else default_out
-    job.check_manifest(out, args.manifest)
+    name = f"{args.sampler}_{args.steps}_cfg{args.cfg_scale:g}_seed{cfg.seed}" + (f"_num{cfg.num}" if num_in_name else "")
+    out = Path(cfg[out_key]) if cfg.get(out_key) else run_of(path) / "samples" / name
+    job.check_manifest(out, args.manifest, out_key=out_key)
 
     calls: list[int] = []  # backbone calls of each batch: the model evaluations of an image
     sampler = get_sampler(args.sampler, **args.options) if args.options else args.sampler  # with its options bound

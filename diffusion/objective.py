@@ -33,6 +33,7 @@ class DiffusionObjective:
 
     def __post_init__(self) -> None:
         self.weighting.check(self.schedule)  # e.g. min-SNR refuses zero terminal SNR
+        self.time_distribution.bind(self.schedule)  # shifts act on its log-SNR, noise levels map to its times
 
     def __call__(
         self,

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion.files import file_sha256, save_npz, write_atomic
+from diffusion.files import save_npz, write_atomic
 from diffusion.images import save_grid
 
 #: Stops a job after this many batches of a process (tests use it to stand for a killed job).
@@ -45,11 +45,20 @@ class StoppedForTest(RuntimeError):
     """Raised after ``DIFFUSION_SAMPLE_STOP_AFTER_BATCHES`` batches: a job stopped midway."""
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
+def to_uint8(images: Tensor, what: str = "samples") -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8 with ADM's conversion, ``((x + 1) * 127.5).clamp(0, 255)``
     then a cast, which truncates (guided-diffusion's image_sample.py), so that statistics compare with
-    those of ADM's samples; one channel is repeated to three, as the evaluators need RGB."""
-    x = ((images.detach().float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    those of ADM's samples; one channel is repeated to three, as the evaluators need RGB.
+
+    NaN or infinite values are refused (``what`` names the images in the message): the conversion would
+    turn them silently into black or white pixels, and the metrics of such images would look plausible."""
+    x = images.detach().float().cpu()
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+    if bad.any():
+        raise ValueError(f"{what}: {int(bad.sum())} of {len(x)} images hold NaN or infinite values (the first: "
+                         f"number {int(bad.nonzero()[0])} of them, from 0); the model diverged (check its training loss), or the backbone "
+                         "overflowed in bf16 (try precision=32)")
+    x = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
@@ -101,8 +110,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-def check_manifest(out: Path, manifest: dict[str, Any], name: str = "job.json", what: str = "a sampling job") -> None:
-    """Write ``out/<name>``, or refuse to continue a job there that was started with other arguments."""
+def check_manifest(out: Path, manifest: dict[str, Any], name: str = "job.json", what: str = "a sampling job",
+                   out_key: str = "out") -> None:
+    """Write ``out/<name>``, or refuse to continue a job there that was started with other arguments
+    (``out_key``: the config key that chose ``out``, named in the refusal)."""
     path = out / name
     if path.exists():
         before = json.loads(path.read_text())
@@ -110,7 +121,7 @@ def check_manifest(out: Path, manifest: dict[str, Any], name: str = "job.json", 
                 if before.get(k) != manifest.get(k)]
         if diff:
             raise ValueError(f"{out} holds {what} made with other arguments:\n  " + "\n  ".join(diff)
-                             + "\nrerun with its arguments to resume it, pass another out=DIR, or delete the directory")
+                             + f"\nrerun with its arguments to resume it, pass another {out_key}=DIR, or delete the directory")
         return
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, manifest)  # every process writes the same content; the rename makes it whole
@@ -131,7 +142,7 @@ def run_shard(out: Path, num: int, rank: int, world_size: int, batch_size: int,
     for k, indices in enumerate(batches):
         if stop_after and k == stop_after:
             raise StoppedForTest(f"stopped after {k} batches ({STOP_AFTER_ENV}, used by the tests)")
-        images = to_uint8(sample(indices))
+        images = to_uint8(sample(indices), f"the batch of images {indices.start}..{indices.stop - 1}")
         if png:  # before the part: a batch whose part exists has its PNGs
             for i, image in zip(indices, images):
                 write_atomic(out / "images" / f"{i:06d}.png",

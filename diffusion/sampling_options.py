@@ -145,7 +145,7 @@ def named_grid(name: str | None, schedule: Schedule, shift: float | None = None)
     if name == "shifted":
         if shift is None:
             raise ValueError("grid=shifted needs grid_shift= (e.g. grid_shift=3.0, SD3's value)")
-        return partial(grids.shifted, shift=float(shift))
+        return partial(grids.shifted, shift=float(shift), schedule=schedule)
     if name == "karras":
         return partial(grids.karras, schedule=schedule)
     num_train_steps = getattr(schedule, "num_steps", None)

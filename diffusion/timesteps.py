@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 from torch import Tensor
 
 from diffusion._checks import check_positive
+
+if TYPE_CHECKING:
+    from diffusion.schedules import Schedule
 
 
 def time_shift(t: Tensor, shift: float) -> Tensor:
@@ -71,10 +74,23 @@ class TimeDistribution(ABC):
         if not callable(shift):
             check_positive("shift", shift)
         self.shift = shift
+        self._schedule: Schedule | None = None
+
+    def bind(self, schedule: Schedule) -> None:
+        """Give the distribution its theory, which the objective does when it is built: the shift
+        acts on the log-SNR (:meth:`Schedule.shift_times`), and a distribution of noise levels
+        (:class:`LogNormalNoise`) maps them to the theory's times."""
+        self._schedule = schedule
+
+    def _theory(self) -> Schedule:
+        if self._schedule is None:
+            raise ValueError(f"{type(self).__name__} draws noise levels, which need the theory's times: "
+                             "call bind(schedule) first (DiffusionObjective does)")
+        return self._schedule
 
     @abstractmethod
     def _draw(self, n: int, generator: torch.Generator | None, device: torch.device | None) -> Tensor:
-        """n float32 times in [0, 1], before any shift."""
+        """n float32 values: times in [0, 1] before any shift, unless :meth:`_to_times` maps them."""
 
     def sample(
         self,
@@ -86,16 +102,34 @@ class TimeDistribution(ABC):
     ) -> Tensor:
         """``n`` times in [0, 1] (float32, shape (n,)); ``size`` = (height, width) of the batch
         feeds a resolution-dependent shift."""
-        t = self._draw(n, generator, device)
+        return self.finish(self.draw(n, generator=generator, device=device), size=size)
+
+    def draw(self, n: int, *, generator: torch.Generator | None = None,
+             device: torch.device | str | None = None) -> Tensor:
+        """The random part of :meth:`sample`: ``n`` values that :meth:`finish` maps to times.
+        Training draws them one sample at a time (each from its own seed) and finishes the batch
+        at once, so a map that costs many operations (a bisection) runs once per batch."""
+        return self._draw(n, generator, device)
+
+    def finish(self, drawn: Tensor, *, size: tuple[int, int] | None = None) -> Tensor:
+        """Draws of :meth:`draw` -> times: the distribution's own map, then the shift."""
+        t = self._to_times(drawn)
         shift = self.shift
         if callable(shift):
             if size is None:
                 raise ValueError(f"{type(self).__name__} has a resolution-dependent shift; pass size=(height, width)")
             shift = shift(*size)
-        return t if shift == 1 else time_shift(t, shift)
+        if shift == 1:
+            return t
+        # Unbound (no theory given), the shift is the flow-matching map it was defined as.
+        return time_shift(t, shift) if self._schedule is None else self._schedule.shift_times(t, shift)
+
+    def _to_times(self, drawn: Tensor) -> Tensor:
+        return drawn
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+        args = (f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({', '.join(args)})"
 
 
 class Uniform(TimeDistribution):
@@ -136,3 +170,40 @@ class LogitNormal(TimeDistribution):
     def _draw(self, n, generator, device):
         z = torch.randn(n, generator=generator, device=device)
         return torch.sigmoid(self.mean + self.std * z)
+
+
+class _NoiseLevels(TimeDistribution):
+    """Draws noise levels ``sigma / alpha`` (Karras' sigma, ``exp(-log_snr / 2)``) and returns the
+    times of the bound theory at which they occur, so it trains any theory, not only EDM. A level
+    beyond the theory's range is clamped to its end (t = 0 or 1)."""
+
+    # _draw gives n values of log(sigma / alpha), which _to_times maps to the theory's times.
+    def _to_times(self, log_level: Tensor) -> Tensor:
+        return self._theory().t_at_log_snr(-2 * log_level.double()).clamp(0, 1).float()
+
+
+class LogNormalNoise(_NoiseLevels):
+    """EDM's training distribution (Karras et al. 2022, Table 1): ``log sigma ~ N(mean, std^2)``,
+    with the paper's ``P_mean = -1.2``, ``P_std = 1.2``."""
+
+    def __init__(self, mean: float = -1.2, std: float = 1.2, shift: Shift = 1.0):
+        super().__init__(shift)
+        self.mean, self.std = float(mean), check_positive("std", std)
+
+    def _draw(self, n, generator, device):
+        return self.mean + self.std * torch.randn(n, generator=generator, device=device)
+
+
+class LogUniformNoise(_NoiseLevels):
+    """``log sigma ~ U(log sigma_min, log sigma_max)``: the VE SDE's training distribution (Song et
+    al. 2021; EDM Table 1, "VE")."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, shift: Shift = 1.0):
+        super().__init__(shift)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def _draw(self, n, generator, device):
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)

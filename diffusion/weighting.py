@@ -86,3 +86,19 @@ class MinSNR(SNRWeighting):
 
     def __repr__(self) -> str:
         return f"MinSNR(gamma={self.gamma})"
+
+
+class EDMWeighting(SNRWeighting):
+    """EDM's loss weight (Karras et al. 2022, eq. 8): ``lambda(sigma) = (sigma^2 + s^2) / (sigma s)^2``
+    on the x0 error, ``SNR + 1 / s^2`` for ``s = sigma_data`` in any theory. On EDM's own target F
+    it is exactly 1 (``lambda c_out^2 = 1``: the preconditioning is chosen so), so it matters when
+    EDM's weighting trains another theory."""
+
+    def __init__(self, sigma_data: float = 0.5):
+        self.sigma_data = check_positive("sigma_data", sigma_data)
+
+    def x0_weight(self, snr: Tensor) -> Tensor:
+        return snr + 1 / self.sigma_data**2
+
+    def __repr__(self) -> str:
+        return f"EDMWeighting(sigma_data={self.sigma_data})"

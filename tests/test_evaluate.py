@@ -366,6 +366,20 @@ def test_a_checkpoint_is_sampled_then_evaluated_against_its_data(ckpt, refs, tmp
     assert {p.name: p.stat().st_mtime_ns for p in parts.iterdir()} == before
 
 
+def test_evaluations_of_a_checkpoint_with_different_num_sample_into_their_own_directories(ckpt, refs, tmp_path):
+    args = ["steps=2", "batch_size=8", "ref=data", f"ref_num={REF_NUM}", f"ref_cache_root={refs}", "metrics=[fid]"]
+    samples = ckpt.parent.parent / "samples"
+    for num in (4, 6):  # no sample_out=: the default directory, named with num
+        record = evaluate(config(tmp_path, f"ckpt={ckpt}", f"num={num}", *args))
+        assert record["samples"]["source"] == str(samples / f"euler_2_cfg1_seed0_num{num}" / "samples.npz")
+        assert record["num_samples"] == num
+    # A sample_out= holding another job is refused, naming the key that chose it.
+    with pytest.raises(ValueError, match=r"(?s)num: 4 there, 6 now.*pass another sample_out=DIR, or delete"):
+        evaluate(config(tmp_path, f"ckpt={ckpt}", "num=6", f"sample_out={samples / 'euler_2_cfg1_seed0_num4'}",
+                        f"out={tmp_path / 'eval'}", *args))
+    assert not (tmp_path / "eval").exists()
+
+
 # --- 8. a sweep --------------------------------------------------------------------------------
 def test_a_sweep_ends_with_its_report_and_an_offline_wandb_run(ckpt, refs, tmp_path):
     sweep = tmp_path / "sweep"

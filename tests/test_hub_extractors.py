@@ -14,6 +14,7 @@ from transformers.image_utils import PILImageResampling
 
 from diffusion.evaluation.hub import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, CLIPFeatures, DINOv2Features, resize_bicubic
 from tests.tiny_encoders import no_network, save_tiny_hf  # noqa: F401 (no_network: fixture)
+from tests.tiny_extractors import save_tiny_dinov2
 
 CLIP_SIZE = 16  # the vision tower of tests.tiny_encoders' "clip_full"
 
@@ -21,15 +22,6 @@ CLIP_SIZE = 16  # the vision tower of tests.tiny_encoders' "clip_full"
 def uint8_images(*shape: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-
-
-def save_tiny_dinov2(directory: Path, seed: int = 0) -> Path:
-    config = tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             patch_size=14, image_size=28)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tf.Dinov2Model(config).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

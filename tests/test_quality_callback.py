@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from diffusion import cli
 from diffusion.evaluation.job import evaluate
 from diffusion.training.quality import QualityMetrics
 from tests.conftest import FAST, compose_config, run_script
+from tests.tiny_encoders import no_network  # noqa: F401 (fixture)
 
 TINY = "tests.tiny_extractors.TinyFeatures"
 QUALITY = ["callbacks=[default,quality]", "callbacks.quality.every_n_steps=2", "callbacks.quality.num=20",
@@ -97,9 +99,50 @@ def test_a_text_model_without_prompts_is_refused(train_config, tmp_path):
 
 
 def test_nan_samples_are_refused_not_scored():
-    from diffusion.evaluation.sources import float_to_uint8
+    from diffusion.sampling_job import to_uint8
 
     images = torch.zeros(3, 3, 4, 4)
     images[1, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="1 of 3 images hold NaN"):
-        float_to_uint8(images, "samples")
+    with pytest.raises(ValueError, match="samples at step 2: 1 of 3 images hold NaN"):
+        to_uint8(images, "samples at step 2")
+
+
+# --- a text-to-image run: val/clip_score@<num> ---------------------------------------------------
+CLIP_PROMPTS = '["a red cat","a blue dog on the sea","a small green tree"]'  # words of the tiny CLIP's vocabulary
+
+
+@pytest.mark.usefixtures("no_network")
+def test_a_text_model_logs_the_clip_score_of_evaluate_py(tmp_path, monkeypatch):
+    """A tiny latent text-to-image run with a tiny random CLIP: val/clip_score@4 is logged at each evaluated
+    step, next to val/fid@4, and equals evaluate.py's clip_score on the last checkpoint's samples (the same
+    seeds and prompts, one process each)."""
+    from tests.make_captioned_folder import make_captioned_folder
+    from tests.tiny_extractors import save_tiny_clip
+
+    # Seed 3: a random CLIP whose image and prompt embeddings point alike here (seed 0 scores every sample 0).
+    clip = save_tiny_clip(tmp_path / "clip", image_size=16, patch_size=8, seed=3)  # the 32-pixel samples are resized
+    root = make_captioned_folder(tmp_path / "images", n=8, sizes=[(32, 32)], layout="csv")
+    run = tmp_path / "run"
+    cli.train(compose_config("train", [
+        *FAST, "experiment=t2i_tiny", f"data.module.root={root}", "data.module.batch_size=4", "backbone=dit_tiny",
+        "model.sampling.steps=3", "callbacks=[default,quality]", "callbacks.quality.every_n_steps=2",
+        "callbacks.quality.num=4", "callbacks.quality.batch_size=4", f"callbacks.quality.extractor._target_={TINY}",
+        f"callbacks.quality.prompts={CLIP_PROMPTS}",
+        f"callbacks.quality.clip={{_target_: diffusion.evaluation.hub.CLIPFeatures, model: '{clip}'}}"], run))
+    clip_score, fid = _logged(run, "val/clip_score@4"), _logged(run, "val/fid@4")
+    assert sorted(clip_score) == sorted(fid) == [1, 3]  # global steps 2 and 4
+    assert all(v > 0 for v in clip_score.values())
+
+    reads = []  # evaluate.py reads the run config once (the text check, ref=data's data), load_module the weights
+    monkeypatch.setattr(cli, "read_checkpoint", lambda path, read=cli.read_checkpoint: reads.append(path) or read(path))
+    cfg = compose_config("evaluate", [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "num=4", "batch_size=4",
+                                      "device=cpu", "precision=32", f"prompts={CLIP_PROMPTS}", "ref=data",
+                                      f"ref_cache={tmp_path / 'ref'}", "metrics=[clip_score,cmmd]",
+                                      f"extractors.clip.model={clip}", "progress=false",
+                                      f"sample_out={tmp_path / 'samples'}", f"out={tmp_path / 'eval'}"], tmp_path)
+    record = evaluate(cfg)
+    assert len(reads) == 2, reads
+    assert list(np.load(tmp_path / "samples" / "samples.npz")["prompts"]) == ["a red cat", "a blue dog on the sea",
+                                                                             "a small green tree", "a red cat"]
+    assert record["metrics"]["clip_score"] == pytest.approx(clip_score[3], rel=1e-5)
+    assert record["metrics"]["cmmd"] > 0 and record["reference"]["data"]["root"] == str(root)  # the run's data

@@ -208,6 +208,24 @@ def test_uint8_conversion_is_adms():
     assert sampling_job.to_uint8(x)[0, 0, :, 0].tolist() == adm
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_samples_are_refused_not_written(bad, tmp_path):
+    """A diverged model's NaN (or a bf16 overflow's inf) would become black / white pixels; the job stops
+    at that batch, names how many images and why, and writes no part of it."""
+    def draw(indices: range) -> torch.Tensor:
+        x = torch.zeros(len(indices), 3, 4, 4)
+        if indices.start == 4:
+            x[1, 2, 0, 3] = x[3, 0, 1, 1] = bad
+        return x
+
+    with pytest.raises(ValueError, match=r"the batch of images 4\.\.7: 2 of 4 images hold NaN or infinite values "
+                                         r"\(the first: number 1 of them, from 0\); the model diverged .*overflowed in "
+                                         r"bf16 \(try precision=32\)"):
+        sampling_job.run_shard(tmp_path, 12, 0, 1, 4, draw, png=True, progress=False)
+    assert [(r.start, r.stop) for r in sampling_job.done_ranges(tmp_path / "parts")] == [(0, 4)]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+
+
 def test_uniform_labels_are_keyed_per_image_and_cover_the_classes():
     labels = sampling_options.uniform_labels(0, range(2000), 10)
     assert sampling_options.uniform_labels(0, range(1500, 2000), 10) == labels[1500:]

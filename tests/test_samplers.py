@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffusion.samplers import SAMPLERS, ancestral, dpmpp_2m, euler, get_sampler, grids, heun
+from diffusion.schedules import DDPM
 from diffusion.toy import GaussianMixture
 from tests.theories import THEORIES
 
@@ -176,11 +177,11 @@ def test_bad_grids_are_refused(grid, match):
 @pytest.mark.parametrize("theory", ["flow", "ddpm-linear-eps", "ddpm-scaled-v-zero-snr", "trig"])
 def test_karras_grid_is_uniform_in_the_rho_th_root_of_the_noise_level(theory):
     schedule = THEORIES[theory][0]()
-    grid = grids.karras(12, schedule, sigma_min=0.01, sigma_max=10.0, rho=7.0)
+    grid = grids.karras(12, schedule, sigma_min=0.05, sigma_max=10.0, rho=7.0)
     assert grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
     k = schedule.at(grid[:-1])
     levels = (k.sigma / k.alpha) ** (1 / 7)
-    expected = torch.linspace(10.0 ** (1 / 7), 0.01 ** (1 / 7), 12, dtype=F64)  # Karras et al. 2022, eq. 5
+    expected = torch.linspace(10.0 ** (1 / 7), 0.05 ** (1 / 7), 12, dtype=F64)  # Karras et al. 2022, eq. 5
     torch.testing.assert_close(levels, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -190,6 +191,20 @@ def test_karras_grid_caps_sigma_max_at_the_schedules_end():
     grid = grids.karras(10, schedule, sigma_max=1e4)
     assert grid[0].item() == pytest.approx(1.0, abs=1e-12)
     assert (end.sigma / end.alpha).item() < 1e4
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear"])
+def test_karras_grid_of_a_ddpm_model_stays_within_its_trained_steps(beta_schedule):
+    """sigma_min is capped at the first training step's noise level, sqrt(beta_1 / (1 - beta_1)):
+    0.0100 for Ho et al.'s betas, 0.0292 for Stable Diffusion's, as diffusers' Karras sigmas end."""
+    schedule = DDPM(beta_schedule)
+    beta_1 = schedule.betas[0].item()
+    grid = grids.karras(10, schedule, sigma_min=0.002)
+    k = schedule.at(grid[-2])
+    assert (k.sigma / k.alpha).item() == pytest.approx(math.sqrt(beta_1 / (1 - beta_1)), rel=1e-9)
+    assert grid[-2].item() == pytest.approx(1 / 1000, rel=1e-9)
+    with pytest.raises(ValueError, match="sigma_min .* is not below its sigma_max"):
+        grids.karras(10, schedule, sigma_min=0.002, sigma_max=0.005)
 
 
 def _ddpm_grid_faults(spacing: str, steps: int, n: int) -> list[str]:

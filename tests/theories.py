@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffusion.samplers import grids
-from diffusion.schedules import DDPM, FlowMatching, Schedule
+from diffusion.schedules import DDPM, EDM, FlowMatching, Schedule, VarianceExploding
 
 
 class TrigFlow(Schedule):
@@ -38,4 +38,6 @@ THEORIES = {
     "ddpm-linear-v": (lambda: DDPM("linear", "v"), _trailing),
     "ddpm-cosine-x0": (lambda: DDPM("cosine", "x0"), _trailing),
     "ddpm-scaled-v-zero-snr": (lambda: DDPM("scaled_linear", "v", zero_terminal_snr=True), _trailing),
+    "edm": (EDM, lambda steps: grids.karras(steps, EDM())),
+    "ve": (VarianceExploding, lambda steps: grids.geometric(steps, VarianceExploding())),
 }

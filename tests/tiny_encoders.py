@@ -93,7 +93,7 @@ def _save_tokenizer(kind: str, directory: Path) -> dict[str, int]:
     return vocab
 
 
-def _save_model(kind: str, directory: Path, vocab: dict[str, int]) -> None:
+def _save_model(kind: str, directory: Path, vocab: dict[str, int], vision: Mapping[str, Any] | None = None) -> None:
     import transformers as tf
 
     ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"])
@@ -102,9 +102,9 @@ def _save_model(kind: str, directory: Path, vocab: dict[str, int]) -> None:
         text = dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     max_position_embeddings=77, projection_dim=16, **ids)
         if kind == "clip_full":  # the layout of openai/clip-vit-large-patch14: a whole CLIPModel
-            vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=16, patch_size=8)
-            model = tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+            tower = {**dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=16, patch_size=8), **(vision or {})}
+            model = tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=tower, projection_dim=16))
         elif kind == "clip":  # SDXL's second text encoder: with projection
             model = tf.CLIPTextModelWithProjection(tf.CLIPTextConfig(**text))
         else:  # SD 1.x: without projection
@@ -118,8 +118,9 @@ def _save_model(kind: str, directory: Path, vocab: dict[str, int]) -> None:
     model.save_pretrained(directory)
 
 
-def save_tiny_hf(kind: str, directory: str | Path, seed: int = 0) -> Path:
-    """Save a tiny random model and tokenizer of `kind` (see HF_KINDS) to `directory`, as on the hub."""
+def save_tiny_hf(kind: str, directory: str | Path, seed: int = 0, vision: Mapping[str, Any] | None = None) -> Path:
+    """Save a tiny random model and tokenizer of `kind` (see HF_KINDS) to `directory`, as on the hub;
+    `vision` overrides clip_full's vision tower config (e.g. image_size, patch_size)."""
     if kind not in HF_KINDS:
         raise ValueError(f"tiny HF encoder: kind must be one of {HF_KINDS}, got {kind!r}.")
     directory = Path(directory)
@@ -127,7 +128,7 @@ def save_tiny_hf(kind: str, directory: str | Path, seed: int = 0) -> Path:
     vocab = _save_tokenizer("clip" if kind.startswith("clip") else kind, directory)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _save_model(kind, directory, vocab)
+        _save_model(kind, directory, vocab, vision)
     return directory
 
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion.evaluation import suite
-from diffusion.evaluation.features import Features, describe_extractors, extract
+from diffusion.evaluation.features import describe_extractors, extract
 from diffusion.evaluation.reference import (
     Reference,
     check_compatible,
@@ -70,33 +70,30 @@ def build_extractors(cfg: DictConfig, names: set[str], device: torch.device, pre
     return {n: instantiate(available[n], precision=precision).to(device).eval() for n in sorted(names)}
 
 
-def _text_model(ckpt: Path) -> bool:
-    from diffusion.cli import read_checkpoint
-
-    target = str(OmegaConf.select(OmegaConf.create(read_checkpoint(ckpt)["run_config"]),
-                                  "conditioning.conditioner._target_", default=""))
+def _is_text_model(run_config: dict[str, Any]) -> bool:
+    target = str(OmegaConf.select(OmegaConf.create(run_config), "conditioning.conditioner._target_", default=""))
     return target.endswith("TextPrompts")
 
 
-def _samples(cfg: DictConfig, specs: list[suite.MetricSpec]) -> tuple[ImageSource, dict[str, np.ndarray], Path | None]:
-    """The images to evaluate, their conditions, and the checkpoint they came from (None for samples=)."""
-    from diffusion.cli import checkpoint_to_load, sample
+def _samples(cfg: DictConfig, specs: list[suite.MetricSpec]) -> tuple[ImageSource, dict[str, np.ndarray], dict | None]:
+    """The images to evaluate, their conditions, and the run config of the checkpoint they came from
+    (None for samples=), read once here for every later use."""
+    from diffusion.cli import checkpoint_to_load, read_checkpoint, sample
 
     text = [s.name for s in specs if s.kind in suite.TEXT]
     if cfg.get("samples") and cfg.get("ckpt"):
         raise ValueError("give samples=PATH (evaluate those images) or ckpt=PATH (sample them first), not both")
     if cfg.get("samples"):
         source, conditions = open_images(cfg.samples), read_labels(cfg.samples)
-        ckpt = None
+        run_config = None
     else:
         ckpt = checkpoint_to_load(cfg.get("ckpt"))
-        if text and not _text_model(ckpt):
+        run_config = read_checkpoint(ckpt)["run_config"]
+        if text and not _is_text_model(run_config):
             raise ValueError(f"metrics {text} score images against their prompts, and {ckpt} is not a text-conditional "
                              "model; leave them out of metrics=")
-        job_cfg = cfg.copy()
-        with open_dict(job_cfg):
-            job_cfg.out = cfg.get("sample_out")
-        npz = sample(job_cfg)  # sample.py's job: per-image seeds, every process, resumable
+        # sample.py's job: per-image seeds, every process, resumable; into sample_out (default: named with num).
+        npz = sample(cfg, out_key="sample_out", num_in_name=True)
         if dist.is_initialized():
             dist.barrier()  # process 0 has gathered samples.npz
         source, conditions = open_images(npz), read_labels(npz)
@@ -105,10 +102,10 @@ def _samples(cfg: DictConfig, specs: list[suite.MetricSpec]) -> tuple[ImageSourc
     if text and "prompts" not in conditions:
         raise ValueError(f"metrics {text} score images against their prompts, and {source.name} carries none (a class-"
                          "label or unconditional model's samples); leave them out of metrics=")
-    return source, conditions, ckpt
+    return source, conditions, run_config
 
 
-def _reference(cfg: DictConfig, ckpt: Path | None, extractors: dict[str, Any], fingerprints: dict[str, dict],
+def _reference(cfg: DictConfig, run_config: dict | None, extractors: dict[str, Any], fingerprints: dict[str, dict],
                full: list[str], needed: list[str], resolution: tuple[int, int], device: torch.device,
                out: Path) -> Reference | None:
     """The reference, checked against these extractors and the samples' resolution (``needed``: the
@@ -129,10 +126,8 @@ def _reference(cfg: DictConfig, ckpt: Path | None, extractors: dict[str, Any], f
             reference.arrays.update(got.arrays)
         return reference
     data = cfg.get("data")
-    if data is None and ckpt is not None:
-        from diffusion.cli import read_checkpoint
-
-        data = OmegaConf.create(read_checkpoint(ckpt)["run_config"])["data"]
+    if data is None and run_config is not None:  # the checkpoint's run brings its data
+        data = OmegaConf.create(run_config)["data"]
     if data is None:
         raise ValueError("ref=data compares with a data config's real images: add data=<an option of conf/data> "
                          "(e.g. data=digits), or pass ref=PATH.npz")
@@ -163,12 +158,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg.get("extractor_precision") or cfg.get("precision", "auto"), device)
     rank, world = init_processes(device)
     try:
-        source, conditions, ckpt = _samples(cfg, specs)
+        source, conditions, run_config = _samples(cfg, specs)
         extractors = build_extractors(cfg, {f.split("/")[0] for f in features}, device, precision)
         fingerprints = describe_extractors(extractors)
         out = Path(cfg.out) if cfg.get("out") else _default_out(source)
         needed = [s.feature for s in specs if s.kind in suite.NEEDS_REFERENCE]
-        reference = _reference(cfg, ckpt, extractors, fingerprints, full, needed, source.shape, device, out)
+        reference = _reference(cfg, run_config, extractors, fingerprints, full, needed, source.shape, device, out)
         if reference is not None:
             lacking = [s.name for s in specs if s.kind in suite.NEEDS_REFERENCE and s.kind in suite.NEEDS_FULL
                        and s.feature not in reference.arrays]

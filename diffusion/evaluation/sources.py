@@ -5,7 +5,7 @@ computed:
   batches straight from the uncompressed zip member, so that 50,000 images at 256x256 (9.8 GB)
   never sit in memory at once;
 - a folder of PNG images (``images/000000.png ...`` of a sampling job), in file-name order;
-- an array in memory (the training callback's samples).
+- an array in memory (the training callback's samples, converted by sampling_job.to_uint8).
 
 A PNG is lossless, so a job's folder and its ``samples.npz`` give the same numbers.
 """
@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -59,18 +57,6 @@ def check_images(images: np.ndarray, what: str) -> np.ndarray:
         hint = " (channels first? arr_0 is (N, H, W, 3))" if images.ndim == 4 and images.shape[1] == 3 else ""
         raise ValueError(f"{what} has shape {tuple(images.shape)}; expected (N, H, W, 3) RGB images{hint}")
     return images
-
-
-def float_to_uint8(images: Tensor, what: str = "images") -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8 by ADM's conversion (sampling_job.to_uint8), refusing
-    NaN or infinite values, which the conversion would silently turn into black or white pixels."""
-    bad = ~torch.isfinite(images.detach()).flatten(1).all(dim=1)
-    if bad.any():
-        raise ValueError(f"{what}: {int(bad.sum())} of {len(images)} images hold NaN or infinite values "
-                         f"(first: index {int(bad.nonzero()[0])}); the model or sampler diverged")
-    from diffusion.sampling_job import to_uint8
-
-    return to_uint8(images)
 
 
 class ArrayImages(ImageSource):

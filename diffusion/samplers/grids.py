@@ -3,6 +3,11 @@ end time (usually 0); a sampler takes one step per consecutive pair."""
 
 from __future__ import annotations
 
+import inspect
+import math
+from functools import partial
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -20,11 +25,22 @@ def uniform(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> Tensor:
     return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
 
 
-def shifted(steps: int, shift: float, t_start: float = 1.0, t_end: float = 0.0) -> Tensor:
-    """A uniform grid through the SD3 / FLUX time shift; ``shift > 1`` spends more steps at
-    high noise. diffusers' ``FlowMatchEulerDiscreteScheduler(shift=...)`` uses the same map."""
+def shifted(steps: int, shift: float, t_start: float = 1.0, t_end: float = 0.0,
+            schedule: Schedule | None = None) -> Tensor:
+    """A uniform grid through the SD3 / FLUX shift; ``shift > 1`` spends more steps at high noise.
+    The shift acts on the log-SNR of ``schedule`` (:meth:`Schedule.shift_times`), so it means the same
+    for every theory; without one it is the flow-matching map, which diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=...)`` uses too."""
     check_positive("shift", shift)
-    return time_shift(uniform(steps, t_start, t_end), shift)
+    grid = uniform(steps, t_start, t_end)
+    return time_shift(grid, shift) if schedule is None else schedule.shift_times(grid, shift)
+
+
+def geometric(steps: int, schedule: Schedule, sigma_min: float = 0.01, sigma_max: float = 50.0) -> Tensor:
+    """Noise levels ``sigma / alpha`` geometric from ``sigma_max`` down to ``sigma_min`` (uniform in
+    log-SNR), mapped to the schedule's times, then a last step to t = 0: the VE sampler's grid
+    (Song et al. 2021; EDM Table 1, "VE"). ``sigma_max`` is capped at the schedule's end."""
+    return karras(steps, schedule, sigma_min, sigma_max, rho=math.inf)
 
 
 def ddpm(steps: int, spacing: str = "leading", num_train_steps: int = 1000, steps_offset: int = 0) -> Tensor:
@@ -60,18 +76,40 @@ def karras(steps: int, schedule: Schedule, sigma_min: float = 0.002, sigma_max: 
     """Karras et al. 2022 (eq. 5): noise levels ``sigma / alpha`` uniform in their ``1/rho`` power
     from ``sigma_max`` down to ``sigma_min`` (the paper's 80, 0.002, rho = 7), mapped to this
     schedule's times, then a last step to t = 0. ``sigma_max`` is capped at the schedule's own
-    noise level at t = 1 (14.6 for Stable Diffusion's betas), as diffusers and k-diffusion do."""
+    noise level at t = 1 (14.6 for Stable Diffusion's betas), as diffusers and k-diffusion do, and
+    ``sigma_min`` at its first trained time (0.0292 at the first of Stable Diffusion's 1000 steps):
+    a discrete model is never asked for a noise level below the lowest it was trained at.
+    ``rho = inf`` gives geometric levels."""
     check_positive("steps", steps)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     end = schedule.at(1.0)
     if end.alpha > 0:
         sigma_max = min(sigma_max, (end.sigma / end.alpha).item())
+    if (first := schedule.first_trained_time) > 0:  # a discrete model knows no lower noise than its first step
+        start = schedule.at(first)
+        sigma_min = max(sigma_min, (start.sigma / start.alpha).item())
+    if not sigma_min < sigma_max:
+        raise ValueError(f"the Karras grid's sigma_min {sigma_min:g} is not below its sigma_max {sigma_max:g} "
+                         f"on {schedule!r}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    levels = (hi + ramp * (lo - hi)) ** rho
+    if math.isinf(rho):  # the limit: geometric levels
+        levels = torch.exp(math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max)))
+    else:
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        levels = (hi + ramp * (lo - hi)) ** rho
     times = schedule.t_at_log_snr(-2 * torch.log(levels))
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
+
+
+def bind_schedule(grid: Callable[..., Tensor], schedule: Schedule) -> Callable[..., Tensor]:
+    """A grid function of a config (``steps -> times``) given the run's theory where it takes one
+    (``karras``, ``geometric``, ``shifted``) and none was bound, so a config need not build a second."""
+    if "schedule" not in inspect.signature(grid).parameters:
+        return grid
+    if isinstance(grid, partial) and "schedule" in grid.keywords:
+        return grid
+    return partial(grid, schedule=schedule)
 
 
 def check_grid(grid: Tensor) -> Tensor:

@@ -128,7 +128,9 @@ def heun(
     ``tau`` blows up at high noise (it is infinite at t = 1 of flow matching) and ``rho`` at low
     noise, so each step integrates in the one that is bounded on it: ``tau`` (<= 1 on the step)
     if it starts at SNR >= 1, ``rho`` (< 1 at its start) otherwise; neither then divides by a
-    vanishing alpha or sigma, whatever the step size. The trapezoid averages the two estimates:
+    vanishing alpha or sigma, whatever the step size. On a variance-exploding path (alpha = 1:
+    EDM, VE) ``y`` is ``x`` itself and ``tau`` the noise level, finite everywhere: there every step
+    is in Karras' form, as in the paper's Algorithm 1. The trapezoid averages the two estimates:
     ``x_s = (alpha_s / alpha_t) x_t + (sigma_s - alpha_s tau_t) mean(xT_hat)``, or
     ``x_s = (sigma_s / sigma_t) x_t + (alpha_s - sigma_s rho_t) mean(x0_hat)``.
     The last step to sigma = 0 is Euler, as in the paper. Two model calls per step, one on the last."""
@@ -140,7 +142,7 @@ def heun(
             x = x_euler
         else:
             x0_s, xT_s = _estimate(model, x_euler, torch.full_like(st.t_batch, st.s), ks)
-            if kt.sigma <= kt.alpha:
+            if kt.sigma <= kt.alpha or kt.alpha == 1:
                 step = 0.5 * (ks.sigma - ks.alpha * kt.sigma / kt.alpha)
                 x = torch.add(x * (ks.alpha / kt.alpha), xT + xT_s, alpha=step)
             else:

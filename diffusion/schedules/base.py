@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
-from typing import Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
@@ -174,6 +174,41 @@ class Schedule(ABC):
             return -self.sigma(t), self.alpha(t)
         return self.alpha_dot(t), self.sigma_dot(t)  # velocity: d x_t / dt
 
+    # --- how the backbone sees x_t and t ------------------------------------------------
+    def model_input(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """What the backbone receives for ``(x_t, t)``: ``(c_in x_t, c_noise(t))`` in EDM's terms
+        (Karras et al. 2022, Table 1). The identity unless a theory says otherwise: DDPM and flow
+        matching feed ``x_t`` and ``t`` themselves, and the backbone scales ``t`` by its
+        ``time_scale``. The output side needs nothing here: it is the model definition ``(c, d)``."""
+        return x_t, t
+
+    def prior_std(self, t: float = 1.0) -> float:
+        """The standard deviation of the noise a sampler starts from at time ``t``: that of
+        ``x_t`` for data of unit variance, ``sqrt(alpha^2 + sigma^2)``. It is 1 on variance-
+        preserving and flow paths (N(0, I), as DDPM and diffusers start) and ``sqrt(1 + sigma^2)``
+        on a variance-exploding one (diffusers' EDM ``init_noise_sigma``)."""
+        k = self.at(float(t))
+        return math.sqrt(float(k.alpha) ** 2 + float(k.sigma) ** 2)
+
+    @property
+    def first_trained_time(self) -> float:
+        """The smallest time the model is trained at: 0 for a continuous theory, the first
+        training step for a discrete one (a Karras grid stays at or above it)."""
+        return 0.0
+
+    def shift_times(self, t: Tensor, shift: float) -> Tensor:
+        """The resolution shift of SD3 / FLUX on the log-SNR: the time whose log-SNR is
+        ``log_snr(t) - 2 log(shift)``, so a shift means the same for every theory (``shift > 1``
+        moves towards noise). On the straight flow path it is ``shift t / (1 + (shift - 1) t)``
+        (Esser et al. 2024, eq. 23), which :class:`~diffusion.schedules.FlowMatching` computes
+        in closed form. ``t`` keeps its dtype; the ends 0 and 1 stay where they are."""
+        if shift == 1:
+            return t
+        lam = self.log_snr(t.to(torch.float64)) - 2 * math.log(shift)
+        shifted = self.t_at_log_snr(lam)
+        shifted = torch.where(t <= 0, torch.zeros_like(shifted), torch.where(t >= 1, torch.ones_like(shifted), shifted))
+        return shifted.to(t.dtype)
+
     # --- everything derived -------------------------------------------------------------
     def at(self, t: Scalar) -> Coefficients:
         """The matrix ``[[alpha, sigma], [c, d]]`` at ``t`` (a float or a tensor of times)."""
@@ -231,6 +266,24 @@ class Schedule(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and not isinstance(v, Tensor))
         return f"{type(self).__name__}({args})"
+
+
+class _ModelInput:
+    """``backbone`` called on the theory's input map of ``(x_t, t)``; what else it takes passes through."""
+
+    def __init__(self, backbone: Callable[..., Tensor], schedule: "Schedule"):
+        self.backbone, self.schedule = backbone, schedule
+
+    def __call__(self, x_t: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.backbone(*self.schedule.model_input(x_t, t), *args, **kwargs)
+
+
+def with_model_input(backbone: Callable[..., Tensor], schedule: "Schedule") -> Callable[..., Tensor]:
+    """The model of the theory: ``backbone`` seeing ``schedule.model_input(x_t, t)``. A theory that
+    keeps the identity gets the backbone itself back, so today's theories run exactly as before."""
+    if type(schedule).model_input is Schedule.model_input:
+        return backbone
+    return _ModelInput(backbone, schedule)
 
 
 def _check_times(t: Tensor) -> None:

@@ -81,6 +81,10 @@ class DDPM(Schedule):
         # In float64, then cast: 1 - alpha^2 near t = 0 loses every digit in float32.
         return (1 - self._alpha64(t) ** 2).clamp_min(0).sqrt().to(t.dtype)
 
+    @property
+    def first_trained_time(self) -> float:
+        return 1 / self.num_steps  # training step 0
+
     def timestep_to_t(self, timestep: Tensor | int) -> Tensor:
         """diffusers' integer timestep i -> continuous t = (i + 1) / N."""
         return (torch.as_tensor(timestep, dtype=torch.float64) + 1) / self.num_steps

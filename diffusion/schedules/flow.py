@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 
 from diffusion.schedules.base import Schedule
+from diffusion.timesteps import time_shift
+
 
 
 class FlowMatching(Schedule):
@@ -26,3 +28,7 @@ class FlowMatching(Schedule):
 
     def sigma_dot(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
+
+    def shift_times(self, t: Tensor, shift: float) -> Tensor:
+        # The log-SNR shift of the base class, in closed form on this path (Esser et al. 2024, eq. 23).
+        return t if shift == 1 else time_shift(t, shift)

@@ -19,8 +19,9 @@ from diffusion.frozen import FrozenModule
 from diffusion.objective import DiffusionObjective
 from diffusion.precision import autocast_backbone
 from diffusion.samplers import ClassifierFreeGuidance, PerSampleNoise, get_sampler, grids
+from diffusion.samplers.grids import bind_schedule
 from diffusion.samplers.noise import randn
-from diffusion.schedules import Schedule
+from diffusion.schedules import Schedule, with_model_input
 from diffusion.timesteps import TimeDistribution, Uniform
 from diffusion.training.checkpoint_io import check_frozen_weights, check_state_fits
 from diffusion.training.ema import EMA
@@ -88,6 +89,7 @@ class DiffusionModule(L.LightningModule):
         self.cond_dropout = cond_dropout
         self.optim = optim or OptimConfig()
         self.sampling = sampling or SamplingConfig()
+        self.sampling.grid = bind_schedule(self.sampling.grid, schedule)
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.compile, self.compile_kwargs = compile, dict(compile_kwargs or {})
         self._sharded = False  # configure_model may be called again (e.g. when a run resumes)
@@ -106,6 +108,11 @@ class DiffusionModule(L.LightningModule):
     @property
     def schedule(self) -> Schedule:
         return self.objective.schedule
+
+    def model(self, backbone: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """The theory's model: ``backbone`` on the theory's input map (EDM's ``c_in x_t`` and
+        ``c_noise``; the identity for DDPM and flow matching)."""
+        return with_model_input(backbone, self.schedule)
 
     @property
     def num_classes(self) -> int | None:
@@ -150,7 +157,7 @@ class DiffusionModule(L.LightningModule):
         draws = self._draws(x0, key=(self.seed, self._batch_position(batch_idx)), drop_probability=self.cond_dropout)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
                               drop=draws.drop)
-        out = self.objective(partial(self.backbone, cond=cond), x0, t=draws.t, noise=draws.noise)
+        out = self.objective(partial(self.model(self.backbone), cond=cond), x0, t=draws.t, noise=draws.noise)
         # The global batch's loss: logged as one process would, and non-finite on every process if on one.
         loss = self._mean_over_processes(out.loss.detach())
         self._losses.record(loss, self.global_step)
@@ -199,7 +206,7 @@ class DiffusionModule(L.LightningModule):
         # Noise keyed to each sample's place in the global validation batch, not to the run's seed:
         # the same for every run and every number of processes, so validation losses compare.
         noise = self._draws(x0, key=(VALIDATION_KEY, batch_idx), drop_probability=0.0).noise
-        model = partial(self.ema.module, cond=cond)
+        model = partial(self.model(self.ema.module), cond=cond)
         losses = []
         for t, name in zip(self.val_t, self._val_names):
             out = self.objective(model, x0, t=t.expand(x0.shape[0]), noise=noise)
@@ -234,10 +241,12 @@ class DiffusionModule(L.LightningModule):
         s = self.sampling
         cond = self.conditioner.make(condition, num, self.device)
         scale = s.cfg_scale if cfg_scale is None else cfg_scale
-        backbone = autocast_backbone(self.ema.module, self.device, precision)
+        backbone = self.model(autocast_backbone(self.ema.module, self.device, precision))
         model = ClassifierFreeGuidance(backbone, cond, self.conditioner.null(num, self.device), scale)
-        x = randn((num, *self.image_shape), generator, self.device, torch.float32)
         times = (grid or s.grid)(steps or s.steps)
+        x = randn((num, *self.image_shape), generator, self.device, torch.float32)
+        if (prior_std := self.schedule.prior_std(times[0].item())) != 1:  # a variance-exploding path
+            x = x * prior_std
         solve = get_sampler(sampler or s.sampler)
         kwargs: dict[str, Any] = {} if eta is None else {"eta": eta}
         if _takes(solve, "generator"):  # the stochastic samplers (ancestral, ddim with eta > 0) draw from it

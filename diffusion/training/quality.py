@@ -28,10 +28,10 @@ from omegaconf import OmegaConf
 from diffusion.evaluation import metrics as M
 from diffusion.evaluation.features import describe_extractors, extract, feature_name
 from diffusion.evaluation.reference import Reference, check_compatible, data_fingerprint, open_reference, reference_from_data
-from diffusion.evaluation.sources import ArrayImages, float_to_uint8
+from diffusion.evaluation.sources import ArrayImages
 from diffusion.evaluation.suite import short_count
 from diffusion.samplers import PerSampleNoise
-from diffusion.sampling_job import shard
+from diffusion.sampling_job import shard, to_uint8
 from diffusion.sampling_options import conditions, noise_seed
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class QualityMetrics(L.Callback):
             condition = None if every is None else every[indices.start:indices.stop]
             x = pl_module.sample(len(indices), condition, sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg_scale,
                                  generator=noise, precision=self.precision)
-            images.append(float_to_uint8(x, f"samples at step {trainer.global_step}"))
+            images.append(to_uint8(x, f"samples at step {trainer.global_step}"))
         source = ArrayImages(np.concatenate(images), "samples")
         check_compatible(reference, self._fingerprints, source.shape, [feature_name("inception", "pool")], "of this run")
         features = extract(source, {"inception": extractors["inception"]}, self._fingerprints, None,

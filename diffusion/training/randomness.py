@@ -59,6 +59,7 @@ def draw_step(
     for position in range(first_position, first_position + x0.shape[0]):
         generator.manual_seed(sample_seed(*key, position))
         coins.append(torch.rand(1, generator=generator, device=device))
-        times.append(time_distribution.sample(1, size=size, generator=generator, device=device))
+        times.append(time_distribution.draw(1, generator=generator, device=device))
         noises.append(torch.randn(shape, generator=generator, device=device, dtype=x0.dtype))
-    return StepDraws(torch.cat(times), torch.stack(noises), torch.cat(coins) < drop_probability)
+    t = time_distribution.finish(torch.cat(times), size=size)  # the deterministic map, once for the batch
+    return StepDraws(t, torch.stack(noises), torch.cat(coins) < drop_probability)
