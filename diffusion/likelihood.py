@@ -110,8 +110,7 @@ def time_at_clock(schedule: Schedule, u: float, rounds: int = 9, points: int = 6
 
 def standard_prior(schedule: Schedule, t_max: float) -> Callable[[Tensor], Tensor]:
     """``log N(x; 0, (alpha(t_max)^2 + sigma(t_max)^2) I)`` per sample (see the module docstring)."""
-    k = schedule.at(torch.tensor(float(t_max), dtype=torch.float64))
-    var = (k.alpha**2 + k.sigma**2).item()
+    var = schedule.prior_std(t_max) ** 2  # what the samplers start from
 
     def log_prob(x: Tensor) -> Tensor:
         x = x.to(torch.float64).flatten(1)

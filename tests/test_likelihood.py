@@ -67,10 +67,10 @@ def exact_prior_likelihood(data, theory, x, **kwargs):
 @pytest.mark.parametrize("theory", THEORIES)
 def test_gaussian_likelihood_with_exact_trace_is_the_closed_form(theory):
     """Full covariance, points in and far out of the bulk: the ODE's log-density at t_min is the marginal's
-    (measured error 2e-8 at rtol = atol = 1e-8)."""
+    (measured error at rtol = atol = 1e-8: 2e-8; EDM, whose x grows to sigma_max = 80, 6e-6)."""
     x = torch.cat([GAUSSIAN.sample(4, torch.Generator().manual_seed(0)), torch.tensor([[3.0, 1.0]], dtype=F64)])
     got, expected = exact_prior_likelihood(GAUSSIAN, theory, x, trace="exact", rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 if theory == "edm" else 1e-6)
 
 
 @pytest.mark.parametrize("theory", ["flow", "ddpm-linear-eps", "ddpm-cosine-x0"])
@@ -83,10 +83,11 @@ def test_diagonal_gaussian_in_three_dimensions_with_rk4(theory):
 
 @pytest.mark.parametrize("theory", THEORIES)
 def test_gaussian_mixture_likelihood_is_the_mixtures_density(theory):
-    """A non-linear ODE: the mixture's exact log-density at t_min, points between and inside the modes."""
+    """A non-linear ODE: the mixture's exact log-density at t_min, points between and inside the modes
+    (measured error at rtol = atol = 1e-7: below 1e-6; EDM 1.2e-5)."""
     x = torch.cat([MIXTURE.sample(3, torch.Generator().manual_seed(2)), torch.tensor([[0.0, 0.5]], dtype=F64)])
     got, expected = exact_prior_likelihood(MIXTURE, theory, x, trace="exact", rtol=1e-7, atol=1e-7)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 if theory == "edm" else 1e-5)
 
 
 @pytest.mark.parametrize("theory", PURE_NOISE_AT_ONE)
@@ -142,7 +143,7 @@ def test_hutchinson_with_fixed_rademacher_probes_takes_two_values_about_the_exac
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_hutchinson_is_unbiased_on_a_mixture(probe):
     """The mean of 300 single-probe estimates is the exact log-density within 4 standard errors, and
-    averaging 4 probes shrinks the spread by about 2 (measured 1.8-2.2)."""
+    averaging 4 probes shrinks the spread by about 2 (measured 2.1 and 1.9)."""
     theory = "flow"
     x = MIXTURE.sample(1, torch.Generator().manual_seed(7)).expand(300, 2).contiguous()
     one, expected = exact_prior_likelihood(MIXTURE, theory, x, probe=probe, generator=torch.Generator().manual_seed(8))
