@@ -47,7 +47,7 @@ def model_log_likelihood(module: Any, batch: dict[str, Any], noise: PerSampleNoi
     images = batch["image"].to(device=device, dtype=torch.float32)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     cond = module.conditioner(batch) if conditional else module.conditioner.null(images.shape[0], device)
-    backbone = module.ema.module
+    backbone = module.model(module.ema.module)  # on the theory's input map (EDM's c_in, c_noise)
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return backbone(x, t, cond=cond)
@@ -70,8 +70,9 @@ def likelihood_metrics(cfg: DictConfig, specs: Sequence[Any], device: torch.devi
                          "its checkpoint: pass ckpt=PATH (or ckpt=last)")
     path = checkpoint_to_load(cfg.ckpt)
     run_config = read_checkpoint(path)["run_config"]
-    if run_config.get("vae") is not None and OmegaConf.create(run_config).vae is not None:
-        raise ValueError(f"metrics {[s.name for s in specs]}: {path} is a latent model (vae is set); its ODE "
+    vae = str(OmegaConf.select(OmegaConf.create(run_config), "vae._target_", default=None) or "")
+    if vae and not vae.endswith("IdentityAutoencoder"):
+        raise ValueError(f"metrics {[s.name for s in specs]}: {path} is a latent model (vae {vae}); its ODE "
                          "likelihood would be of latents, not comparable with pixel bits per dimension. Leave them "
                          "out of metrics=")
     module = load_module(path).to(device)
@@ -102,7 +103,8 @@ def likelihood_metrics(cfg: DictConfig, specs: Sequence[Any], device: torch.devi
         num_dims = int(np.prod(module.image_shape))
         bpd = bits_per_dim(log_px, num_dims).cpu()
         values[spec.name] = float(bpd.mean())
-        values[f"{spec.name}_sem"] = float(bpd.std() / num**0.5) if num > 1 else float("nan")
+        if num > 1:  # the standard error of the mean over the images
+            values[f"{spec.name}_sem"] = float(bpd.std() / num**0.5)
         record[spec.name] = {"ckpt": str(path), "num_images": num, "num_dims": num_dims, "seed": int(cfg.seed),
                              "batch_size": int(cfg.batch_size), **options,
                              "dequantization": "(round((x + 1) * 127.5) + u) / 128 - 1, u ~ U[0, 1); bpd offset 7"}
