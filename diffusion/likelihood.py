@@ -76,12 +76,16 @@ def path_derivatives(schedule: Schedule, t: Tensor) -> tuple[Tensor, Tensor]:
 
 def pf_ode_drift(model: Denoiser, schedule: Schedule, x: Tensor, t: float) -> Tensor:
     """``dx/dt = alpha'(t) x0_hat + sigma'(t) xT_hat`` at one time ``t`` for the batch ``x``."""
-    k, alpha_dot, sigma_dot, t_batch = _at(schedule, x, t)
+    return _drift(model, x, *_at(schedule, x, t))
+
+
+def _drift(model: Denoiser, x: Tensor, k, alpha_dot: float, sigma_dot: float, t_batch: Tensor) -> Tensor:
     x0, xT = k.split(x, model(x, t_batch))
     return torch.add(x0 * alpha_dot, xT, alpha=sigma_dot)
 
 
 def _at(schedule: Schedule, x: Tensor, t: float):
+    """The matrix at ``t`` (floats), ``alpha'(t)``, ``sigma'(t)`` and ``t`` over the batch."""
     tt = torch.tensor(float(t), dtype=torch.float64)
     alpha_dot, sigma_dot = path_derivatives(schedule, tt)
     # The model sees t in at least float32, as in the samplers.
@@ -171,12 +175,12 @@ def log_likelihood(
 
     def field(u: float, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         t = times[u] if u in times else times.setdefault(u, time_at_clock(schedule, u))
-        k, alpha_dot, sigma_dot, t_batch = _at(schedule, state[0], t)
+        at = _at(schedule, state[0], t)
+        k, alpha_dot, sigma_dot, _ = at
         du_dt = (sigma_dot * k.alpha - k.sigma * alpha_dot) / (k.alpha + k.sigma) ** 2
         with torch.enable_grad():
             x = state[0].detach().requires_grad_(True)
-            x0_hat, xT_hat = k.split(x, model(x, t_batch))
-            f = torch.add(x0_hat * alpha_dot, xT_hat, alpha=sigma_dot)
+            f = _drift(model, x, *at)
             if trace == "exact":
                 flat = f.reshape(batch, -1)
                 div = sum(torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0].reshape(batch, -1)[:, i]

@@ -20,6 +20,7 @@ from diffusion.likelihood import (
     dequantize,
     log_likelihood,
     path_derivatives,
+    pf_ode_drift,
     standard_prior,
     time_at_clock,
 )
@@ -170,7 +171,26 @@ def test_per_sample_seeds_make_a_sample_independent_of_its_batch():
     assert not all(torch.allclose(other, alone) for other in others)
 
 
-# --- the path's derivatives and the clock ----------------------------------------------------------
+# --- the path's derivatives, the drift and the clock -----------------------------------------------
+@pytest.mark.parametrize("theory", THEORIES)
+def test_the_drift_is_the_score_form_of_the_probability_flow_ode(theory):
+    """dx/dt = (alpha'/alpha) x - sigma^2 (sigma'/sigma - alpha'/alpha) grad log p_t(x) (Song et al. 2021 in
+    the (alpha, sigma) form; Kingma et al. 2021), with the Gaussian's score -C^-1 (x - alpha mu) in closed
+    form and alpha', sigma' by central differences."""
+    schedule = THEORIES[theory][0]()
+    x = GAUSSIAN.sample(5, torch.Generator().manual_seed(12))
+    t, h = 0.3715, 1e-6  # inside one of DDPM's linear pieces (a difference across a knot would average two)
+    k = schedule.at(t)
+    a, s = k.alpha.item(), k.sigma.item()
+    a_dot, s_dot = ((f(torch.tensor(t + h, dtype=F64)) - f(torch.tensor(t - h, dtype=F64))).item() / (2 * h)
+                    for f in (schedule.alpha, schedule.sigma))
+    cov = a**2 * GAUSSIAN.cov + s**2 * torch.eye(2, dtype=F64)
+    score = -torch.linalg.solve(cov, (x - a * GAUSSIAN.mean).T).T
+    expected = (a_dot / a) * x - s**2 * (s_dot / s - a_dot / a) * score
+    torch.testing.assert_close(pf_ode_drift(GAUSSIAN.denoiser(schedule), schedule, x, t), expected, rtol=1e-6, atol=1e-6)
+
+
+
 def test_path_derivatives_by_autograd_match_closed_forms():
     t = torch.tensor([0.1, 0.37, 0.9], dtype=F64)
     alpha_dot, sigma_dot = path_derivatives(TrigFlow(), t)  # no alpha_dot: autograd
