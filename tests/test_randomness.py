@@ -51,3 +51,28 @@ def test_condition_dropout_takes_the_drawn_choice_and_checks_it():
     assert out.labels.tolist() == [10, 2, 10]
     with pytest.raises(ValueError, match=r"drop must be a bool tensor of shape \(3,\)"):
         drop_condition(cond, null, 0.5, drop=torch.tensor([1, 0, 1]))
+
+
+def test_offset_noise_adds_a_per_channel_constant_and_leaves_the_other_draws():
+    """Each sample and channel gets level * N(0, 1) over all its pixels: the per-channel pixel mean
+    of the noise has variance level^2 + 1 / (H W), the within-channel deviations stay N(0, 1)."""
+    x0 = torch.zeros(3000, 2, 4, 4, dtype=torch.float64)
+    plain = draw_step(x0, Uniform(), 0.1, key=(0, 0, 0), first_position=0, generator=torch.Generator())
+    offset = draw_step(x0, Uniform(), 0.1, key=(0, 0, 0), first_position=0, generator=torch.Generator(),
+                       offset_noise=0.5)
+    assert torch.equal(plain.t, offset.t) and torch.equal(plain.drop, offset.drop)
+    shift = offset.noise - plain.noise
+    torch.testing.assert_close(shift, shift[..., :1, :1].expand_as(shift), rtol=0, atol=1e-12)  # constant over pixels
+    assert abs(shift[:, :, 0, 0].std().item() - 0.5) < 0.02
+    channel_means = offset.noise.mean((2, 3))
+    assert abs(channel_means.var().item() - (0.25 + 1 / 16)) < 0.02
+    assert abs(torch.corrcoef(shift[:, :, 0, 0].T)[0, 1].item()) < 0.06  # channels independent
+
+
+def test_offset_noise_out_of_range_is_refused():
+    from diffusion.backbones import build_dit
+    from diffusion.schedules import FlowMatching
+    from diffusion.training.module import DiffusionModule
+
+    with pytest.raises(ValueError, match=r"offset_noise=1.5: must be in \[0, 1\)"):
+        DiffusionModule(build_dit("dit_tiny", in_channels=1), FlowMatching(), offset_noise=1.5)

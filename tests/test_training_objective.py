@@ -18,7 +18,7 @@ from diffusion.timesteps import DiscreteUniform, FluxShift, LogitNormal, SD3Shif
 from diffusion.weighting import MinSNR, NoWeighting
 from tests.conftest import CONF, compose_config
 from tests.reference import DIFFUSERS_PREDICTIONS
-from tests.theories import TrigFlow
+from tests.theories import THEORIES, TrigFlow
 
 N = 20_000
 
@@ -197,3 +197,48 @@ def test_objective_feeds_the_model_x_t_and_t():
 def test_objective_refuses_a_model_output_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"model output has shape \(4, 1, 4, 4\), expected the input's \(4, 2, 4, 4\)"):
         DiffusionObjective(FlowMatching())(lambda x, t: x[:, :1], torch.randn(4, 2, 4, 4))
+
+
+@pytest.mark.parametrize("theory", ["flow", "ddpm-linear-eps", "ddpm-cosine-x0", "trig", "edm", "ve"])
+def test_a_shift_moves_the_log_snr_by_the_same_amount_in_every_theory(theory):
+    """shift_times(t, s) has log-SNR log_snr(t) - 2 log s, wherever that lies in the theory's range;
+    on the flow path it is SD3's map exactly (the same floats), on TrigFlow the closed form
+    (2 / pi) atan(s tan(pi t / 2))."""
+    schedule = THEORIES[theory][0]()
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    shifted = schedule.shift_times(t, 3.0)
+    inside = shifted < 1  # DDPM's log-SNR ends at t = 1; beyond, the shift stops there
+    assert bool(inside[:10].all())
+    torch.testing.assert_close(schedule.log_snr(shifted[inside]), schedule.log_snr(t[inside]) - 2 * math.log(3.0),
+                               rtol=1e-9, atol=1e-9)
+    if theory == "flow":
+        assert torch.equal(shifted, time_shift(t, 3.0))
+    if theory == "trig":
+        torch.testing.assert_close(shifted, 2 / math.pi * torch.atan(3.0 * torch.tan(math.pi * t / 2)))
+    ends = schedule.shift_times(torch.tensor([0.0, 1.0], dtype=torch.float64), 3.0)
+    assert ends.tolist() == [0.0, 1.0]
+
+
+def test_the_shift_of_a_time_distribution_and_of_a_grid_acts_on_the_bound_theory():
+    from diffusion.samplers import grids
+    from diffusion.schedules import DDPM
+
+    schedule = DDPM("cosine", "v")
+    base = LogitNormal()
+    shifted = LogitNormal(shift=2.0)
+    DiffusionObjective(schedule, shifted)  # binds it
+    t = shifted.sample(256, generator=_gen(3))
+    torch.testing.assert_close(t, schedule.shift_times(base.sample(256, generator=_gen(3)), 2.0))
+    grid = grids.shifted(10, 2.0, schedule=schedule)
+    torch.testing.assert_close(grid, schedule.shift_times(grids.uniform(10), 2.0))
+    assert torch.equal(grids.shifted(10, 2.0), time_shift(grids.uniform(10), 2.0))  # no theory: SD3's map
+
+
+def test_a_shifted_grid_is_reachable_from_the_config(train_config):
+    from diffusion import cli
+    from diffusion.samplers import grids
+
+    cfg = train_config("schedule=ddpm", "schedule.grid._target_=diffusion.samplers.grids.shifted",
+                       "~schedule.grid.spacing", "~schedule.grid.num_train_steps", "+schedule.grid.shift=3.0")
+    module = cli.build_module(cfg)
+    torch.testing.assert_close(module.sampling.grid(8), grids.shifted(8, 3.0, schedule=module.schedule))

@@ -76,11 +76,18 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         compile_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        offset_noise: float = 0.0,
     ):
         """``image_shape`` is the (C, H, W) the backbone works in: the latents' shape when an
         autoencoder is given. Batches carry ``image`` (pixels, encoded here) or ``latent``
-        (from a cache)."""
+        (from a cache). ``offset_noise`` adds a per-channel constant of that standard deviation to the
+        training noise (diffusion.training.randomness.draw_step); validation keeps plain noise, so its
+        losses compare across runs."""
         super().__init__()
+        if not 0 <= offset_noise < 1:
+            raise ValueError(f"offset_noise={offset_noise}: must be in [0, 1) (sgm and the offset-noise recipe use "
+                             "0.05-0.1; 0 turns it off)")
+        self.offset_noise = float(offset_noise)
         self.backbone = backbone
         self.ema = EMA(backbone, ema_decay)
         self.objective = DiffusionObjective(schedule, time_distribution or Uniform(), weighting or NoWeighting())
@@ -154,7 +161,8 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._losses.check()
         x0 = self.latents(batch)
-        draws = self._draws(x0, key=(self.seed, self._batch_position(batch_idx)), drop_probability=self.cond_dropout)
+        draws = self._draws(x0, key=(self.seed, self._batch_position(batch_idx)), drop_probability=self.cond_dropout,
+                            offset_noise=self.offset_noise)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
                               drop=draws.drop)
         out = self.objective(partial(self.model(self.backbone), cond=cond), x0, t=draws.t, noise=draws.noise)
@@ -182,13 +190,14 @@ class DiffusionModule(L.LightningModule):
         torch.distributed.all_reduce(total)  # a sum: gloo has no average
         return total / self.trainer.world_size
 
-    def _draws(self, x0: Tensor, key: tuple[int, ...], drop_probability: float) -> StepDraws:
+    def _draws(self, x0: Tensor, key: tuple[int, ...], drop_probability: float, offset_noise: float = 0.0) -> StepDraws:
         """t, noise and dropout coins of this process's samples: the global_rank-th slice of the global
         batch (diffusion.data.batching), each keyed to its place in it (randomness.py)."""
         if self._generator is None or self._generator.device != x0.device:
             self._generator = torch.Generator(device=x0.device)
         return draw_step(x0, self.objective.time_distribution, drop_probability, key=key,
-                         first_position=self.global_rank * x0.shape[0], generator=self._generator)
+                         first_position=self.global_rank * x0.shape[0], generator=self._generator,
+                         offset_noise=offset_noise)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
