@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.evaluation import suite
 from diffusion.evaluation.features import describe_extractors, extract
+from diffusion.evaluation.likelihood import likelihood_metrics
 from diffusion.evaluation.reference import (
     Reference,
     check_compatible,
@@ -151,6 +152,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from diffusion.sampling_job import code_version, write_json
 
     specs = suite.parse_metrics(OmegaConf.to_container(cfg.metrics, resolve=True))
+    likelihoods = [s for s in specs if s.kind in suite.LIKELIHOOD]  # of real images under ckpt=: no samples
+    specs = [s for s in specs if s.kind not in suite.LIKELIHOOD]
     features, full = suite.needs(specs)
     from diffusion.precision import process_env
 
@@ -158,6 +161,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg.get("extractor_precision") or cfg.get("precision", "auto"), device)
     rank, world = init_processes(device)
     try:
+        likelihood = likelihood_metrics(cfg, likelihoods, device) if likelihoods else None
+        if not specs:
+            return _likelihood_only(cfg, likelihood, likelihoods, rank, world)
         source, conditions, run_config = _samples(cfg, specs)
         extractors = build_extractors(cfg, {f.split("/")[0] for f in features}, device, precision)
         fingerprints = describe_extractors(extractors)
@@ -177,6 +183,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             return {}
         text = _text_features(specs, extractors, conditions)
         values, notes = suite.compute(specs, samples, reference, text)
+        if likelihood is not None:
+            values.update(likelihood[0])
         record = {
             "metrics": values,
             "warnings": notes,
@@ -189,6 +197,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "world_size": world,
             "code_version": code_version(),
         }
+        if likelihood is not None:
+            record["likelihood"] = likelihood[1]
         write_json(out / "metrics.json", record)
         print(format_table(values, samples.count, reference), flush=True)
         print(f"wrote {out / 'metrics.json'}")
@@ -197,6 +207,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _likelihood_only(cfg: DictConfig, likelihood: tuple[dict, dict], specs: list[suite.MetricSpec], rank: int,
+                     world: int) -> dict[str, Any]:
+    """metrics.json of an evaluation of likelihood metrics alone (default out: <the checkpoint's run>/eval)."""
+    from diffusion.cli import checkpoint_to_load
+    from diffusion.runs import run_of
+    from diffusion.sampling_job import code_version, write_json
+
+    if rank != 0:
+        return {}
+    values, options = likelihood
+    out = Path(cfg.out) if cfg.get("out") else run_of(checkpoint_to_load(cfg.ckpt)) / "eval"
+    record = {"metrics": values, "warnings": [], "likelihood": options,
+              "metric_options": {s.name: {"kind": s.kind, **s.params} for s in specs},
+              "world_size": world, "code_version": code_version()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", record)
+    print(format_table(values, next(iter(options.values()))["num_images"], None, "real images"), flush=True)
+    print(f"wrote {out / 'metrics.json'}")
+    return record
 
 
 def _default_out(source: ImageSource) -> Path:
@@ -227,10 +258,10 @@ def _text_features(specs: list[suite.MetricSpec], extractors: dict[str, Any],
     return text
 
 
-def format_table(values: dict[str, float], num: int, reference: Reference | None) -> str:
+def format_table(values: dict[str, float], num: int, reference: Reference | None, what: str = "samples") -> str:
     ref = "none" if reference is None else f"{reference.fingerprint.get('kind')} ({reference.count} images)"
     width = max([len("metric"), *map(len, values)])
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------------"]
     lines += [f"{k:<{width}}  {v:.6g}" for k, v in values.items()]
-    lines.append(f"({num} samples; reference: {ref})")
+    lines.append(f"({num} {what}; reference: {ref})")
     return "\n".join(lines)

@@ -21,7 +21,8 @@ from diffusion.evaluation import metrics as M
 from diffusion.evaluation.features import Features, feature_name
 from diffusion.evaluation.reference import Reference
 
-KINDS = ("frechet", "kid", "precision_recall", "clip_score", "cmmd")
+KINDS = ("frechet", "kid", "precision_recall", "clip_score", "cmmd", "likelihood")
+LIKELIHOOD = ("likelihood",)  # of real images under ckpt= (diffusion.evaluation.likelihood): no samples, no features
 NEEDS_FULL = ("kid", "precision_recall", "clip_score", "cmmd")  # every sample's features, not statistics
 NEEDS_REFERENCE = ("frechet", "kid", "precision_recall", "cmmd")
 TEXT = ("clip_score",)
@@ -48,6 +49,9 @@ def parse_metrics(cfg: Mapping[str, Mapping[str, Any]]) -> list[MetricSpec]:
     for name, option in cfg.items():
         option = dict(option)
         kind = check_choice(f"metrics.{name}.kind", option.pop("kind", None), KINDS)
+        if kind in LIKELIHOOD:
+            specs.append(MetricSpec(name, kind, "", "", option))
+            continue
         for key in ("extractor", "key"):
             if not option.get(key):
                 raise ValueError(f"metrics.{name}.{key} is not set; every metric names the extractor and feature it reads")
@@ -57,6 +61,7 @@ def parse_metrics(cfg: Mapping[str, Mapping[str, Any]]) -> list[MetricSpec]:
 
 def needs(specs: Sequence[MetricSpec]) -> tuple[list[str], list[str]]:
     """(every feature to extract, those needed whole)."""
+    specs = [s for s in specs if s.kind not in LIKELIHOOD]
     features = sorted({s.feature for s in specs})
     full = sorted({s.feature for s in specs if s.kind in NEEDS_FULL})
     return features, full
