@@ -7,6 +7,7 @@ from typing import Any, Callable
 from diffusion._checks import check_choice
 from diffusion.samplers import grids
 from diffusion.samplers.guidance import ClassifierFreeGuidance, concat_conditions
+from diffusion.samplers.learned import ddpm_learned
 from diffusion.samplers.noise import PerSampleNoise
 from diffusion.samplers.sde import DIFFUSION_FORMS, dpmpp_2m_sde, euler_ancestral, sde
 from diffusion.samplers.solvers import StepInfo, ancestral, ddim, dpmpp_2m, euler, heun
@@ -21,6 +22,7 @@ SAMPLERS: dict[str, Callable] = {
     "euler_ancestral": euler_ancestral,
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "sde": sde,
+    "ddpm_learned": ddpm_learned,  # needs a model with learned variance (diffusion.variance)
 }
 
 # What every sampler takes from its caller, not from a config's options.
@@ -59,6 +61,7 @@ __all__ = [
     "ancestral",
     "concat_conditions",
     "ddim",
+    "ddpm_learned",
     "dpmpp_2m",
     "dpmpp_2m_sde",
     "euler_ancestral",

@@ -27,6 +27,7 @@ from diffusion.training.ema import EMA
 from diffusion.training.finite import FiniteLossCheck
 from diffusion.training.optim import OptimConfig, parameter_groups
 from diffusion.training.randomness import StepDraws, draw_step
+from diffusion.variance import VLB_WEIGHT, check_learned_variance, make_objective
 from diffusion.weighting import LossWeighting, NoWeighting
 
 
@@ -75,14 +76,17 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         compile_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        vlb_weight: float = VLB_WEIGHT,
     ):
         """``image_shape`` is the (C, H, W) the backbone works in: the latents' shape when an
         autoencoder is given. Batches carry ``image`` (pixels, encoded here) or ``latent``
-        (from a cache)."""
+        (from a cache). ``vlb_weight`` is the lambda of the hybrid loss of a backbone that learns its
+        variance (learn_sigma; diffusion.variance), 0 to leave its variance head untrained."""
         super().__init__()
         self.backbone = backbone
         self.ema = EMA(backbone, ema_decay)
-        self.objective = DiffusionObjective(schedule, time_distribution or Uniform(), weighting or NoWeighting())
+        self.objective: DiffusionObjective = make_objective(backbone, schedule, time_distribution or Uniform(),
+                                                           weighting or NoWeighting(), vlb_weight)
         self.conditioner = conditioner or Unconditional()
         self.autoencoder = autoencoder
         self.cond_dropout = cond_dropout
@@ -239,6 +243,8 @@ class DiffusionModule(L.LightningModule):
         x = randn((num, *self.image_shape), generator, self.device, torch.float32)
         times = (grid or s.grid)(steps or s.steps)
         solve = get_sampler(sampler or s.sampler)
+        if getattr(getattr(solve, "func", solve), "needs_learned_variance", False):  # ddpm_learned
+            check_learned_variance(self.ema.module, self.schedule, f"sampler={getattr(solve, '__name__', 'ddpm_learned')}")
         kwargs: dict[str, Any] = {} if eta is None else {"eta": eta}
         if _takes(solve, "generator"):  # the stochastic samplers (ancestral, ddim with eta > 0) draw from it
             kwargs["generator"] = generator
