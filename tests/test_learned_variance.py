@@ -308,7 +308,7 @@ def test_the_sampler_is_exact_in_law_on_gaussian_data():
         x0_hat = mu + a * s2 / (a**2 * s2 + sig**2) * (x - a * mu)
         return torch.cat([(x - a * x0_hat) / sig, v.expand_as(x)], dim=1)
 
-    num = 40_000
+    num = 20_000
     x = torch.randn(num, 3, 1, 1, generator=_gen(9), dtype=F64)
     out = get_sampler("ddpm_learned")(model, schedule, x, grid, generator=_gen(10))
     mean, var = out.mean(0, keepdim=True), out.var(0, keepdim=True)
@@ -352,9 +352,22 @@ def test_the_sampler_refuses_grids_off_the_steps_models_without_variance_and_oth
 
 
 # -- from the command line --------------------------------------------------------------------------
-@pytest.mark.parametrize("backbone", ["dit_tiny", "unet_tiny"])
-def test_train_with_learn_sigma_then_sample_with_the_learned_variance(backbone, train_config, tmp_path):
-    cfg = train_config("schedule=ddpm", f"backbone={backbone}", "backbone.learn_sigma=true", "trainer.max_steps=3")
+def test_the_unet_returns_the_variance_channels_only_when_asked():
+    from diffusion.backbones.registry import build_unet
+
+    model = build_unet("unet_tiny", in_channels=2, learn_sigma=True)
+    torch.nn.init.normal_(model.out[-1].weight, std=0.1)  # zero-initialised: give the channels signal
+    x, t = torch.randn(2, 2, 8, 8, generator=_gen(13)), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        full, prediction = model(x, t, return_variance=True), model(x, t)
+    assert full.shape == (2, 4, 8, 8) and full[:, 2:].abs().max() > 1e-3
+    torch.testing.assert_close(prediction, full[:, :2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"return_variance=True\) needs a model built with learn_sigma=True"):
+        build_unet("unet_tiny", in_channels=2)(x, t, return_variance=True)
+
+
+def test_train_with_learn_sigma_then_sample_with_the_learned_variance(train_config, tmp_path):
+    cfg = train_config("schedule=ddpm", "backbone.learn_sigma=true", "trainer.max_steps=3")
     cli.train(cfg)
     losses = logged_losses(tmp_path / "run")
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())

@@ -52,6 +52,9 @@ def ddpm_learned(
     schedule = check_ddpm(schedule, "sampler=ddpm_learned")
     steps = grid_steps(schedule, grid)
     table = PosteriorTable.from_schedule(schedule, steps)
+    # Per step, as Python floats (computed once): the posterior mean's coefficients and the two log variances.
+    coef_x0, coef_xt = table.coef_x0.tolist(), table.coef_xt.tolist()
+    log_beta, log_tilde = table.betas.log().tolist(), table.posterior_log_variance_clipped.tolist()
     times = check_grid(grid).tolist()
     coefficients = schedule.at(check_grid(grid)).unbind()
     t_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -62,16 +65,14 @@ def ddpm_learned(
         x0, _ = coefficients[n].split(x, prediction)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        index = torch.full((x.shape[0],), k, dtype=torch.long)
-        mean, _ = table.posterior(x0, x, index)
-        if k > 0:
-            noise = randn(x.shape, generator, x.device, x.dtype)
-            x = mean + torch.exp(0.5 * table.model_log_variance(v.to(x.dtype), index)) * noise
+        mean = torch.add(x0 * coef_x0[k], x, alpha=coef_xt[k])
+        if k > 0:  # log variance frac log beta + (1 - frac) log beta~, frac = (v + 1) / 2; its half for the std
+            log_std = (v.to(x.dtype) + 1).mul_(0.25 * (log_beta[k] - log_tilde[k])).add_(0.5 * log_tilde[k])
+            x = mean.addcmul_(log_std.exp_(), randn(x.shape, generator, x.device, x.dtype))
         else:
             x = mean
         if callback is not None:
             callback(StepInfo(n, total, times[n], times[n + 1], x, x0))
     return x
-
 
 ddpm_learned.needs_learned_variance = True  # type: ignore[attr-defined]  # DiffusionModule.sample checks the model
