@@ -1,4 +1,4 @@
-"""Samplers and time grids, written once for every theory."""
+"""Samplers and time grids, written once for every theory; and ddpm_learned, for models with learned variance."""
 
 import inspect
 from functools import partial
@@ -22,8 +22,12 @@ SAMPLERS: dict[str, Callable] = {
     "euler_ancestral": euler_ancestral,
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "sde": sde,
-    "ddpm_learned": ddpm_learned,  # needs a model with learned variance (diffusion.variance)
 }
+
+#: Samplers of one kind of model only, reached by name like the others: ``ddpm_learned`` needs a
+#: DDPM model with learned variance (diffusion.variance).
+MODEL_SAMPLERS: dict[str, Callable] = {"ddpm_learned": ddpm_learned}
+_BY_NAME = {**SAMPLERS, **MODEL_SAMPLERS}
 
 # What every sampler takes from its caller, not from a config's options.
 _CALL_ARGUMENTS = ("model", "schedule", "x", "grid", "generator", "callback", "progress")
@@ -41,7 +45,7 @@ def get_sampler(name: str | Callable, **options: Any) -> Callable:
     be handed on where a name is taken."""
     if callable(name) and not options:
         return name
-    function = SAMPLERS[check_choice("sampler", name, SAMPLERS)]
+    function = _BY_NAME[check_choice("sampler", name, _BY_NAME)]
     if not options:
         return function
     allowed = sampler_options(name)
@@ -54,6 +58,7 @@ def get_sampler(name: str | Callable, **options: Any) -> Callable:
 
 __all__ = [
     "DIFFUSION_FORMS",
+    "MODEL_SAMPLERS",
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "PerSampleNoise",
