@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,6 +79,7 @@ class PosteriorTable:
     posterior_log_variance_clipped: Tensor
     coef_x0: Tensor
     coef_xt: Tensor
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # (name, device) -> the field there
 
     @classmethod
     def from_schedule(cls, schedule: Schedule, steps: Sequence[int] | Tensor | None = None) -> "PosteriorTable":
@@ -105,7 +106,11 @@ class PosteriorTable:
 
     def at(self, name: str, index: Tensor, like: Tensor) -> Tensor:
         """Entry ``index`` (shape (B,)) of the field ``name``, shaped (B, 1, ..., 1) like ``like``."""
-        values = getattr(self, name).to(like.device)[index.to(like.device)]
+        key = (name, like.device)
+        table = self._on_device.get(key)
+        if table is None:  # copied to a device once, not on every training step
+            table = self._on_device.setdefault(key, getattr(self, name).to(like.device))
+        values = table[index.to(like.device)]
         return values.to(like.dtype).reshape(-1, *(1,) * (like.ndim - 1))
 
     def posterior(self, x0: Tensor, x_t: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:

@@ -414,3 +414,19 @@ def test_a_converted_dit_samples_as_the_official_dit_with_diffusers_learned_rang
             x = sched.step(reference(x, i.expand(2), labels).sample, i, x, generator=g).prev_sample
     assert x.abs().max() > 0.1
     torch.testing.assert_close(ours, x, rtol=1e-3, atol=1e-3)  # float32, and a random model: |x0_hat| ~ 100
+    assert type(model.objective) is HybridObjective  # fine-tuning trains the variance too
+
+
+def test_a_checkpoint_from_before_the_hybrid_loss_loads_with_the_objective_it_was_trained_with(tmp_path):
+    """A run config without model.vlb_weight (an older checkpoint: a SiT conversion on flow matching with its
+    variance head) was trained without the VLB term: it loads with vlb_weight 0, not refused."""
+    from tests.test_convert import converted, official_state
+
+    path = converted(tmp_path, official_state(zero_variance=True), "SiT-tiny.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["run_config"]["model"]["vlb_weight"] == 0  # convert.py writes it for SiT
+    del checkpoint["run_config"]["model"]["vlb_weight"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    model = cli.load_module(tmp_path / "old.ckpt")
+    assert type(model.objective) is DiffusionObjective and model.backbone.learn_sigma
+    assert model.run_config["model"]["vlb_weight"] == 0.0
