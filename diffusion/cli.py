@@ -254,6 +254,8 @@ def load_module(path: str | Path) -> DiffusionModule:
     its weights; a checkpoint of another model, or of other frozen encoders, is refused."""
     checkpoint = read_checkpoint(path)
     config = checkpoint["run_config"]
+    if "vlb_weight" not in config.get("model", {}):  # written before the hybrid loss existed: trained without it
+        config = {**config, "model": {**config["model"], "vlb_weight": 0.0}}
     model = build_module(OmegaConf.create(config))
     model.run_config = config
     model.check_checkpoint(checkpoint, f"checkpoint {path}")

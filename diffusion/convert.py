@@ -12,8 +12,9 @@ the label table, and its sizes are read off its shapes. What differs is the theo
   (diffusion.schedules.FlowMatching: ``xT - x0``), so the final linear's prediction rows are negated.
 
 Both have 2C output channels (``learn_sigma``): DiT's variance, and SiT's, which its forward drops.
-They are kept, and our DiT returns the C prediction channels: sampling uses eps (or the velocity)
-only, with the schedule's fixed variances, until a learned variance is read by some sampler.
+They are kept, and our DiT returns the C prediction channels; DiT's variance is read by
+sampler=ddpm_learned (diffusion.variance) and trained on by the hybrid loss, SiT's is left
+untrained (model.vlb_weight=0) as SiT leaves it.
 """
 
 from __future__ import annotations
@@ -246,7 +247,9 @@ def convert(cfg: DictConfig) -> Path:
     num_steps = _check_theory(fmt, _compose([f"experiment={experiment}", *user], out).schedule.schedule)
     backbone = backbone_overrides(sizes, fmt, num_steps)
     overrides = [f"data.num_classes={sizes.num_classes}",
-                 *(f"++backbone.{k}={override_value(v)}" for k, v in backbone.items()), *user]
+                 *(f"++backbone.{k}={override_value(v)}" for k, v in backbone.items()),
+                 # SiT never trains its variance head; the hybrid loss of a learned variance needs DDPM
+                 *(["model.vlb_weight=0"] if fmt == "sit" and sizes.learn_sigma else []), *user]
     cfg_run = _compose([f"experiment={experiment}", *overrides], out)
     model = build_module(cfg_run)
     latent = model.image_shape

@@ -45,10 +45,7 @@ class DiffusionObjective:
         generator: torch.Generator | None = None,
     ) -> LossOutput:
         """Draws ``t`` and ``noise`` unless given (fixed values make validation losses comparable)."""
-        if t is None:
-            t = self.time_distribution.sample(x0.shape[0], size=tuple(x0.shape[-2:]), generator=generator, device=x0.device)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t, noise = self.draw(x0, t, noise, generator)
         k = self.schedule.at(t)
         kx = k.like(x0)
         output = model(kx.add_noise(x0, noise), t)
@@ -57,3 +54,12 @@ class DiffusionObjective:
         error = (output.float() - kx.target(x0, noise).float()) ** 2
         per_sample = error.flatten(1).mean(1) * self.weighting(k).float()
         return LossOutput(per_sample.mean(), per_sample, t)
+
+    def draw(self, x0: Tensor, t: Tensor | None, noise: Tensor | None,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """``(t, noise)``: those given, else drawn (t from the time distribution, standard normal noise)."""
+        if t is None:
+            t = self.time_distribution.sample(x0.shape[0], size=tuple(x0.shape[-2:]), generator=generator, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return t, noise

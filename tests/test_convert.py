@@ -175,7 +175,7 @@ def test_a_converted_checkpoint_carries_its_source_and_samples(dit, tmp_path):
     source = checkpoint["converted_from"]
     assert source["format"] == "dit" and len(source["sha256"]) == 64 and checkpoint["global_step"] == 0
     assert source["backbone"] == {"name": "dit_tiny", "learn_sigma": True, "time_scale": 1000.0, "time_shift": -1.0}
-    assert model.run_config["model"]["sampling"]["sampler"] == "ancestral"  # the DiT recipe's theory
+    assert model.run_config["model"]["sampling"]["sampler"] == "ddpm_learned"  # the DiT recipe's, learned variance
     for key, value in model.backbone.state_dict().items():  # backbone and EMA both hold the weights
         torch.testing.assert_close(model.ema.module.state_dict()[key], value, rtol=0, atol=0)
     out = tmp_path / "samples"
@@ -195,7 +195,7 @@ def test_fine_tuning_from_a_converted_checkpoint_starts_from_its_weights_at_step
     ckpt = converted(tmp_path, state, fmt="dit", overrides=theory)
     needs = ["++backbone.learn_sigma=true", "++backbone.time_scale=1000.0", "++backbone.time_shift=-1.0"]
     run = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"need backbone settings this run lacks \(learn_sigma: None here, True there, "
+    with pytest.raises(ValueError, match=r"need backbone settings this run lacks \(learn_sigma: False here, True there, "
                                          r"time_scale: None here, 1000.0 there, time_shift: None here, -1.0 there\); "
                                          r"add \+\+backbone.name=dit_tiny \+\+backbone.learn_sigma=true"):
         cli.train(compose_config("train", [*FAST, *theory, f"ckpt_path={ckpt}"], run))

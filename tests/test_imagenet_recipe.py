@@ -43,7 +43,9 @@ RECIPES = {
         "schedule.schedule.prediction": "eps",
         "schedule.time_distribution._target_": "diffusion.timesteps.DiscreteUniform",
         "schedule.grid.spacing": "linspace",  # DiT's space_timesteps(1000, "250")
-        "model.sampling.sampler": "ancestral",
+        "backbone.learn_sigma": True,  # trained with the hybrid loss, sampled with the learned variance
+        "model.vlb_weight": 0.001,
+        "model.sampling.sampler": "ddpm_learned",
         "model.sampling.steps": 250,
     },
     "imagenet256_sit_xl_2": {
@@ -118,7 +120,7 @@ def test_class_folder_to_evaluator_files_through_cache_train_and_two_process_sam
     assert labels.dtype.kind == "i" and labels.shape == (10,) and set(labels) <= {0, 1, 2, 3}
     record = json.loads((out / "samples.json").read_text())
     assert {"ckpt", "ckpt_sha256", "sampler", "steps", "grid", "cfg_scale", "seed", "precision"} <= set(record)
-    assert record["sampler"] == "ancestral" and record["steps"] == 3 and record["cfg_scale"] == 1.5
+    assert record["sampler"] == "ddpm_learned" and record["steps"] == 3 and record["cfg_scale"] == 1.5
     assert record["world_size"] == 2 and record["precision"] == "32"
 
     # The SLURM template's body, one task (srun faked): auto device and precision are float32 on the CPU here.

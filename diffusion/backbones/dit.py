@@ -78,10 +78,9 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """forward(x_t (B, C, H, W), t (B,) in [0, 1], cond) -> (B, C, H, W).
 
-    With learn_sigma (the paper's configuration) the final layer also decodes C variance channels,
-    kept for parameter counts and for the released weights (diffusion.convert); forward returns the
-    prediction's C channels, and all 2C only with ``return_variance=True``: no objective or sampler
-    reads a learned variance yet. ``time_scale * t + time_shift`` is what the time embedding sees.
+    With learn_sigma (the paper's configuration) the final layer also decodes C variance channels
+    (diffusion.variance: trained by the hybrid loss, read by sampler=ddpm_learned); forward returns
+    the prediction's C channels, and all 2C only with ``return_variance=True``. ``time_scale * t + time_shift`` is what the time embedding sees.
     Conditioning fields used: labels if num_classes, tokens/mask if token_dim,
     pooled if pooled_dim; the model refuses fields it was not built for.
     """

@@ -150,7 +150,7 @@ def _num_heads(ch: int, head_dim: int) -> int:
 
 
 class UNet(nn.Module):
-    """forward(x_t (B, C, H, W), t (B,) in [0, 1], cond) -> (B, C_out, H, W).
+    """forward(x_t (B, C, H, W), t (B,) in [0, 1], cond) -> (B, C, H, W) (2C with learn_sigma and return_variance).
 
     Levels run at full, 1/2, 1/4, ... resolution with `model_channels * channel_mult[i]`
     channels and `num_res_blocks` residual blocks each; `attention_levels` are the level
@@ -194,7 +194,8 @@ class UNet(nn.Module):
             if ch % norm_groups:
                 raise ValueError(f"UNet channel count {ch} is not divisible by norm_groups={norm_groups}.")
         self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels  # of the last convolution
         self.num_classes = num_classes
         self.token_dim = token_dim
         self.pooled_dim = pooled_dim
@@ -257,7 +258,11 @@ class UNet(nn.Module):
             return maybe_checkpoint(self.gradient_checkpointing, layer, h, emb, tokens, mask)
         return layer(h)  # down/up-sampling convolutions are cheap to keep
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *, return_variance: bool = False) -> Tensor:
+        """The prediction's C channels; with learn_sigma and ``return_variance=True`` all 2C
+        (prediction, then the variance channels of diffusion.variance), as DiT."""
+        if return_variance and not self.learn_sigma:
+            raise ValueError("UNet.forward(return_variance=True) needs a model built with learn_sigma=True")
         check_input("UNet", x, t, self.in_channels, self.downsample_factor, "2 ** (number of levels - 1)")
         cond = check_condition("UNet", cond, x.shape[0], self.num_classes, self.token_dim, self.pooled_dim)
         tokens, mask = cond.tokens, cond.mask
@@ -279,4 +284,6 @@ class UNet(nn.Module):
                     h = torch.cat([h, skips.pop()], dim=1)
                 h = self._run(layer, h, emb, tokens, mask)
             out = self.out(h)
+        if self.learn_sigma and not return_variance:  # the prediction: the first C channels
+            out = out[:, : self.in_channels]
         return out.to(x.dtype).contiguous()

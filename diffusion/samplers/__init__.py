@@ -1,4 +1,4 @@
-"""Samplers and time grids, written once for every theory."""
+"""Samplers and time grids, written once for every theory; and ddpm_learned, for models with learned variance."""
 
 import inspect
 from functools import partial
@@ -7,6 +7,7 @@ from typing import Any, Callable
 from diffusion._checks import check_choice
 from diffusion.samplers import grids
 from diffusion.samplers.guidance import ClassifierFreeGuidance, concat_conditions
+from diffusion.samplers.learned import ddpm_learned
 from diffusion.samplers.noise import PerSampleNoise
 from diffusion.samplers.sde import DIFFUSION_FORMS, dpmpp_2m_sde, euler_ancestral, sde
 from diffusion.samplers.solvers import StepInfo, ancestral, ddim, dpmpp_2m, euler, heun
@@ -22,6 +23,11 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "sde": sde,
 }
+
+#: Samplers of one kind of model only, reached by name like the others: ``ddpm_learned`` needs a
+#: DDPM model with learned variance (diffusion.variance).
+MODEL_SAMPLERS: dict[str, Callable] = {"ddpm_learned": ddpm_learned}
+_BY_NAME = {**SAMPLERS, **MODEL_SAMPLERS}
 
 # What every sampler takes from its caller, not from a config's options.
 _CALL_ARGUMENTS = ("model", "schedule", "x", "grid", "generator", "callback", "progress")
@@ -39,7 +45,7 @@ def get_sampler(name: str | Callable, **options: Any) -> Callable:
     be handed on where a name is taken."""
     if callable(name) and not options:
         return name
-    function = SAMPLERS[check_choice("sampler", name, SAMPLERS)]
+    function = _BY_NAME[check_choice("sampler", name, _BY_NAME)]
     if not options:
         return function
     allowed = sampler_options(name)
@@ -52,6 +58,7 @@ def get_sampler(name: str | Callable, **options: Any) -> Callable:
 
 __all__ = [
     "DIFFUSION_FORMS",
+    "MODEL_SAMPLERS",
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "PerSampleNoise",
@@ -59,6 +66,7 @@ __all__ = [
     "ancestral",
     "concat_conditions",
     "ddim",
+    "ddpm_learned",
     "dpmpp_2m",
     "dpmpp_2m_sde",
     "euler_ancestral",

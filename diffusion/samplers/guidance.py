@@ -43,8 +43,17 @@ class ClassifierFreeGuidance:
         self.model, self.cond, self.null_cond, self.scale = model, cond, null_cond, float(scale)
         self._both = concat_conditions(cond, null_cond) if self.scale != 1 else None
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, *, return_variance: bool = False) -> Tensor:
+        """With ``return_variance`` (a model with learned variance, diffusion.variance) the model returns
+        2C channels: guidance moves the C prediction channels, and the variance channels are the
+        conditional branch's, as DiT's sampler keeps them (DiT guides only the first 3 of its 4
+        latent channels; here all C are guided)."""
+        kwargs = {"return_variance": True} if return_variance else {}
         if self.scale == 1:
-            return self.model(x, t, self.cond)
-        out_cond, out_uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), self._both).chunk(2)
+            return self.model(x, t, self.cond, **kwargs)
+        out_cond, out_uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), self._both, **kwargs).chunk(2)
+        if return_variance:
+            c = x.shape[1]
+            guided = out_uncond[:, :c] + self.scale * (out_cond[:, :c] - out_uncond[:, :c])
+            return torch.cat([guided, out_cond[:, c:]], dim=1)
         return out_uncond + self.scale * (out_cond - out_uncond)

@@ -28,6 +28,7 @@ from diffusion.training.ema import EMA
 from diffusion.training.finite import FiniteLossCheck
 from diffusion.training.optim import OptimConfig, parameter_groups
 from diffusion.training.randomness import StepDraws, draw_step
+from diffusion.variance import VLB_WEIGHT, check_learned_variance, make_objective
 from diffusion.weighting import LossWeighting, NoWeighting
 
 
@@ -77,12 +78,14 @@ class DiffusionModule(L.LightningModule):
         compile_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
         offset_noise: float = 0.0,
+        vlb_weight: float = VLB_WEIGHT,
     ):
         """``image_shape`` is the (C, H, W) the backbone works in: the latents' shape when an
         autoencoder is given. Batches carry ``image`` (pixels, encoded here) or ``latent``
         (from a cache). ``offset_noise`` adds a per-channel constant of that standard deviation to the
         training noise (diffusion.training.randomness.draw_step); validation keeps plain noise, so its
-        losses compare across runs."""
+        losses compare across runs. ``vlb_weight`` is the lambda of the hybrid loss of a backbone that
+        learns its variance (learn_sigma; diffusion.variance), 0 to leave its variance head untrained."""
         super().__init__()
         if not 0 <= offset_noise < 1:
             raise ValueError(f"offset_noise={offset_noise}: must be in [0, 1) (sgm and the offset-noise recipe use "
@@ -90,7 +93,8 @@ class DiffusionModule(L.LightningModule):
         self.offset_noise = float(offset_noise)
         self.backbone = backbone
         self.ema = EMA(backbone, ema_decay)
-        self.objective = DiffusionObjective(schedule, time_distribution or Uniform(), weighting or NoWeighting())
+        self.objective: DiffusionObjective = make_objective(backbone, schedule, time_distribution or Uniform(),
+                                                           weighting or NoWeighting(), vlb_weight)
         self.conditioner = conditioner or Unconditional()
         self.autoencoder = autoencoder
         self.cond_dropout = cond_dropout
@@ -257,6 +261,8 @@ class DiffusionModule(L.LightningModule):
         if (prior_std := self.schedule.prior_std(times[0].item())) != 1:  # a variance-exploding path
             x = x * prior_std
         solve = get_sampler(sampler or s.sampler)
+        if getattr(getattr(solve, "func", solve), "needs_learned_variance", False):  # ddpm_learned
+            check_learned_variance(self.ema.module, self.schedule, f"sampler={getattr(solve, '__name__', 'ddpm_learned')}")
         kwargs: dict[str, Any] = {} if eta is None else {"eta": eta}
         if _takes(solve, "generator"):  # the stochastic samplers (ancestral, ddim with eta > 0) draw from it
             kwargs["generator"] = generator
