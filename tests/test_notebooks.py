@@ -77,6 +77,12 @@ def test_theory_notebook_prints_the_numbers_of_its_derivation(execute):
     assert set(exploding) == {"EDM", "VE"}, exploding
     for name, row in exploding.items():
         assert row["heun"] < 0.5 * row["euler"] and row["dpmpp_2m"] < 0.6 * row["euler"], (name, row)
+    # Learned variance at 12 steps: beta~ loses variance, beta adds it, the exact one keeps it
+    # (measured 0.53 / 0.27, 1.14 / 2.48, 0.99 / 0.99).
+    ratios = {name: (float(a), float(b)) for name, a, b in
+              re.findall(r"^\s*(.+?): variance / data variance = (\S+), (\S+)$", text, re.M)}
+    assert max(ratios["beta~ (v = -1)"]) < 0.7 and min(ratios["beta (v = +1)"]) > 1.08, ratios
+    assert all(abs(r - 1) < 0.05 for r in ratios["exact, through v"]), ratios
 
 
 def test_sampling_notebook_samplers_converge_to_the_ode_solution(execute, monkeypatch):
