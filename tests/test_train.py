@@ -38,7 +38,7 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
                  "data.module.batch_size=2"]
     if option in ("text", "t2i_tiny"):
         extra.append("text_encoder=openclip_tiny")
-    if option == "t2i_tiny":
+    if option == "t2i_tiny" or option.startswith("finetune_"):
         extra.append(f"data.module.root={make_captioned_folder(tmp_path / 'images')}")
     cfg = compose_config("train", [f"{group}={option}", *extra], tmp_path)
     node = cfg[group] if group != "experiment" else None  # experiments override the global config
@@ -47,7 +47,18 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         target = config._target_.rsplit(".", 1)[1]
         return type(obj).__name__ == target or getattr(obj, "__name__", None) == target
 
-    if group == "backbone":
+    if group == "backbone" and "pretrained" in node:  # a released model's (nothing downloads here): tiny, random
+        from omegaconf import OmegaConf
+
+        from diffusion.conditioning import Conditioning
+        from tests.tiny_encoders import TINY_SD_UNET
+
+        width = TINY_SD_UNET["cross_attention_dim"]
+        tiny = OmegaConf.merge(node, {"pretrained": None, "config": TINY_SD_UNET})
+        model = instantiate(tiny, in_channels=4, token_dim=width)
+        x = torch.zeros(2, 4, 32, 32)
+        assert model(x, torch.full((2,), 0.5), Conditioning(tokens=torch.zeros(2, 3, width))).shape == x.shape
+    elif group == "backbone":
         with torch.device("meta"):  # the paper's sizes, without their memory
             model = instantiate(node, in_channels=4)
         x = torch.empty(2, 4, 32, 32, device="meta")
@@ -73,7 +84,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         module.setup()
         assert tuple(node.image_shape) == tuple(module.image_shape)
     elif group in ("conditioning", "experiment"):
-        if cfg.get("vae") is not None and cfg.vae.get("pretrained"):
+        if cfg.backbone.get("pretrained"):  # fine-tuning a released model: tiny random parts of its kinds
+            cfg = _with_tiny_released_parts(cfg, tmp_path)
+        elif cfg.get("vae") is not None and cfg.vae.get("pretrained"):
             # A recipe with a hub VAE (nothing downloads here): its choices checked as composed, then
             # built with the random tiny VAE and backbone of the same architectures.
             assert cfg.vae.pretrained.startswith("stabilityai/") and cfg.vae.scaling_factor is None
@@ -93,6 +106,27 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         trainer = instantiate(node)
         assert str(trainer.precision) in (str(node.precision), f"{node.precision}-true")
         assert trainer.max_steps == node.max_steps
+
+
+def _with_tiny_released_parts(cfg, tmp_path):
+    """A fine-tuning recipe of a released model with its hub parts checked as composed, then replaced
+    by tiny random ones of the same kinds: the UNet (saved as on the hub), the VAE and the text encoder."""
+    from omegaconf import open_dict
+
+    from tests.tiny_encoders import TINY_OPENCLIP_CONFIG, TINY_VAE_CONFIGS, save_tiny_hf, save_tiny_sd_unet
+
+    assert cfg.backbone.pretrained.startswith(("runwayml/", "stabilityai/")) and cfg.vae.pretrained.startswith("stabilityai/")
+    with open_dict(cfg):
+        save_tiny_sd_unet(tmp_path / "unet")
+        cfg.backbone.pretrained = str(tmp_path / "unet")
+        cfg.vae.pretrained, cfg.vae.config = None, TINY_VAE_CONFIGS["sd"]
+        if cfg.text_encoder._target_.endswith("HFTextEncoder"):
+            cfg.text_encoder.pretrained = str(save_tiny_hf("clip_text", tmp_path / "clip"))
+            cfg.text_encoder.max_length = 16
+        else:
+            cfg.text_encoder.model_name, cfg.text_encoder.pretrained = "tiny-clip", None
+            cfg.text_encoder.model_config = TINY_OPENCLIP_CONFIG
+    return cfg
 
 
 @pytest.mark.parametrize("backbone", ["dit_tiny", "unet_tiny"])

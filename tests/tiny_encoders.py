@@ -144,6 +144,32 @@ def tiny_hf_encoder(kind: str = "clip", tmp_dir: str | Path = ".", seed: int = 0
     return HFTextEncoder(pretrained=str(directory), **{"max_length": 16, **kwargs})
 
 
+# ---------------------------------------------------------------------------- released UNets
+# Stable Diffusion's UNet layout (cross-attention down, plain down; plain up, cross-attention up),
+# narrow, cross-attending to the tiny text encoders' width (32). Real: 320-1280 channels, 2 layers.
+TINY_SD_UNET: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4,
+)
+
+
+def tiny_sd_unet(seed: int = 0, **overrides: Any):
+    """A random diffusers UNet2DConditionModel of SD's layout (eval mode); overrides replace arguments."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**{**TINY_SD_UNET, **overrides}).eval()
+
+
+def save_tiny_sd_unet(directory: str | Path, seed: int = 0):
+    """Save a tiny SD UNet with save_pretrained, as on the hub (the UNet's own directory); returns it."""
+    unet = tiny_sd_unet(seed)
+    unet.save_pretrained(directory)
+    return unet
+
+
 # ---------------------------------------------------------------------------- test helpers
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,6 +29,8 @@ class HFTextEncoder(TextEncoder):
 
     Prompts are padded to `max_length` and truncated; the model sees the padding mask, so the states
     of real tokens do not depend on `max_length`. Loaded in float32; `.to(dtype)` after if wanted.
+    ``attention_mask=False`` runs the model without it, as Stable Diffusion 1.x's pipeline runs CLIP:
+    the causal CLIP's real tokens are unchanged, its padding states are those SD's UNet was trained on.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class HFTextEncoder(TextEncoder):
         subfolder: str | None = None,
         tokenizer_subfolder: str | None = None,
         pooling: str = "auto",
+        attention_mask: bool = True,
     ) -> None:
         super().__init__()
         check_choice("pooling", pooling, POOLINGS)
@@ -67,10 +70,17 @@ class HFTextEncoder(TextEncoder):
         else:
             self.pooled_dim = self.token_dim
         self.source = pretrained if subfolder is None else f"{pretrained}/{subfolder}"
+        self.attention_mask = attention_mask
         self._freeze()
 
     def _tokenizer_id(self) -> str:
         return tokenizer_id(self.tokenizer)
+
+    def fingerprint(self) -> dict[str, str]:
+        found = super().fingerprint()
+        if not self.attention_mask:  # only then: the fingerprints of earlier caches stay as they were
+            found["attention_mask"] = "false"
+        return found
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         batch = self.tokenizer(
@@ -79,7 +89,7 @@ class HFTextEncoder(TextEncoder):
         # Non-blocking: a blocking copy to an accelerator would wait for all the work queued there.
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.device, non_blocking=True).bool()  # (B, L), True = real token
-        out = self.model(input_ids=ids, attention_mask=mask.long())
+        out = self.model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None)
         tokens: Tensor = out.last_hidden_state  # (B, L, D)
         if self.pooling == "none":
             pooled = None

@@ -1,7 +1,9 @@
 """OpenCLIP text tower (e.g. ViT-H-14 laion2b_s32b_b79k, the text encoder of Stable Diffusion 2.x).
 
-Tokens are the per-token states after `ln_final` (the last layer; SD 2.x itself takes the
-penultimate one); pooled is exactly `model.encode_text` (the EOT state through text_projection).
+Tokens are the per-token states after `ln_final`, of the last layer, or with
+``layer="penultimate"`` of the one before (then `ln_final`), as Stable Diffusion 2.x takes them;
+pooled is exactly `model.encode_text` (the EOT state through text_projection, always of the last
+layer), or none with ``pooled=False``.
 """
 
 from __future__ import annotations
@@ -37,9 +39,15 @@ class OpenCLIPTextEncoder(TextEncoder):
         pretrained: str | None = None,
         max_length: int | None = None,
         model_config: Mapping[str, Any] | None = None,
+        layer: str = "last",
+        pooled: bool = True,
     ) -> None:
         super().__init__()
         import open_clip
+
+        from diffusion._checks import check_choice
+
+        self.layer = check_choice("layer", layer, ("last", "penultimate"))
 
         name = model_name if model_config is None else _register(model_name, model_config)
         model = open_clip.create_model(name, pretrained=pretrained)
@@ -59,6 +67,9 @@ class OpenCLIPTextEncoder(TextEncoder):
                 f"OpenCLIPTextEncoder expects the CLIP BPE tokenizer, got {type(self.tokenizer).__name__} for {model_name!r}."
             )
 
+        if self.layer == "penultimate" and len(tower.transformer.resblocks) < 2:
+            raise ValueError(f"OpenCLIPTextEncoder: layer='penultimate' needs a text tower of 2 or more layers, "
+                             f"{model_name!r} has {len(tower.transformer.resblocks)}")
         context = tower.positional_embedding.shape[0]
         self.max_length = context if max_length is None else max_length
         if not 2 <= self.max_length <= context:
@@ -69,7 +80,7 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.token_dim = tower.positional_embedding.shape[1]
         proj = tower.text_projection
         pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
-        if pool == "none":
+        if pool == "none" or not pooled:
             self.pooled_dim = None
         elif proj is None:
             self.pooled_dim = self.token_dim
@@ -90,6 +101,12 @@ class OpenCLIPTextEncoder(TextEncoder):
             return self.model
         return getattr(self.model, "text", None)
 
+    def fingerprint(self) -> dict[str, str]:
+        found = super().fingerprint()
+        if self.layer != "last":  # only then: the fingerprints of earlier caches stay as they were
+            found["layer"] = self.layer
+        return found
+
     def _tokenizer_id(self) -> str:
         return f"{type(self.tokenizer).__name__}(eot={self.tokenizer.eot_token_id})"
 
@@ -102,17 +119,34 @@ class OpenCLIPTextEncoder(TextEncoder):
         L = ids.shape[1]
         cast = t.transformer.get_cast_dtype()
         x = t.token_embedding(ids).to(cast) + t.positional_embedding[:L].to(cast)
-        x = t.ln_final(t.transformer(x, attn_mask=t.attn_mask[:L, :L]))  # (B, L, D)
+        states = self._states(t, x, t.attn_mask[:L, :L])
+        tokens = t.ln_final(states[self.layer])  # (B, L, D)
         # The BPE tokenizer pads with id 0 (a real token, "!") after EOT: the mask comes from EOT's position.
         eot = (ids == self.tokenizer.eot_token_id).int().argmax(dim=1)  # first EOT (truncation keeps one)
         mask = torch.arange(L, device=ids.device)[None, :] <= eot[:, None]
         pooled = None
         if self.pooled_dim is not None:  # as model.encode_text
-            pooled = text_global_pool(x, ids, self._pool, eos_token_id=self._eos)
+            last = tokens if self.layer == "last" else t.ln_final(states["last"])
+            pooled = text_global_pool(last, ids, self._pool, eos_token_id=self._eos)
             proj = t.text_projection
             if proj is not None:
                 pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return Conditioning(tokens=x, mask=mask, pooled=pooled)
+        return Conditioning(tokens=tokens, mask=mask, pooled=pooled)
+
+    def _states(self, tower: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The "last" layer's states (B, L, D), and the "penultimate" one's when that layer is asked for;
+        the last layer is run only when it is used (for the tokens or the pooled vector)."""
+        if self.layer == "last":
+            return {"last": tower.transformer(x, attn_mask=attn_mask)}
+        transformer = tower.transformer
+        batch_first = getattr(transformer, "batch_first", True)
+        h = x if batch_first else x.transpose(0, 1)
+        for block in transformer.resblocks[:-1]:
+            h = block(h, attn_mask=attn_mask)
+        states = {"penultimate": h}
+        if self.pooled_dim is not None:
+            states["last"] = transformer.resblocks[-1](h, attn_mask=attn_mask)
+        return {k: v if batch_first else v.transpose(0, 1) for k, v in states.items()}
 
 
 def _register(model_name: str, model_config: Mapping[str, Any]) -> str:
