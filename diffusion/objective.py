@@ -46,14 +46,19 @@ class DiffusionObjective:
     ) -> LossOutput:
         """Draws ``t`` and ``noise`` unless given (fixed values make validation losses comparable)."""
         t, noise = self.draw(x0, t, noise, generator)
+        per_sample, t = self.per_sample_loss(model, x0, t, noise)
+        return LossOutput(per_sample.mean(), per_sample, t)
+
+    def per_sample_loss(self, model: Denoiser, x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """``(weighted loss of each sample, the times it was taken at)``; a subclass adds terms
+        (diffusion.variance.HybridObjective)."""
         k = self.schedule.at(t)
         kx = k.like(x0)
         output = model(kx.add_noise(x0, noise), t)
         if output.shape != x0.shape:
             raise ValueError(f"model output has shape {tuple(output.shape)}, expected the input's {tuple(x0.shape)}")
         error = (output.float() - kx.target(x0, noise).float()) ** 2
-        per_sample = error.flatten(1).mean(1) * self.weighting(k).float()
-        return LossOutput(per_sample.mean(), per_sample, t)
+        return error.flatten(1).mean(1) * self.weighting(k).float(), t
 
     def draw(self, x0: Tensor, t: Tensor | None, noise: Tensor | None,
              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

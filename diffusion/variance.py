@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.objective import DiffusionObjective, Denoiser, LossOutput
+from diffusion.objective import DiffusionObjective, Denoiser
 from diffusion.schedules import DDPM, Schedule
 from diffusion.timesteps import TimeDistribution
 from diffusion.weighting import LossWeighting
@@ -179,16 +179,7 @@ class HybridObjective(DiffusionObjective):
         if not self.vlb_weight >= 0:
             raise ValueError(f"vlb_weight must be >= 0 (0.001 in Nichol & Dhariwal 2021), got {self.vlb_weight!r}")
 
-    def __call__(
-        self,
-        model: Denoiser,
-        x0: Tensor,
-        *,
-        t: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> LossOutput:
-        t, noise = self.draw(x0, t, noise, generator)
+    def per_sample_loss(self, model: Denoiser, x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         index = steps_of_times(self.schedule, t)
         t = ((index + 1).to(t.dtype)) / self.schedule.num_steps  # on the steps, as DiscreteUniform draws them
         k = self.schedule.at(t)
@@ -197,8 +188,7 @@ class HybridObjective(DiffusionObjective):
         prediction, v = split_variance(model(x_t, t, return_variance=True), x0.shape[1])
         mse = ((prediction.float() - kx.target(x0, noise).float()) ** 2).flatten(1).mean(1) * self.weighting(k).float()
         vlb = self.vlb_term(x0, x_t, prediction, v, t)
-        per_sample = mse + (self.vlb_weight * self.schedule.num_steps) * vlb
-        return LossOutput(per_sample.mean(), per_sample, t)
+        return mse + (self.vlb_weight * self.schedule.num_steps) * vlb, t
 
     def vlb_term(self, x0: Tensor, x_t: Tensor, prediction: Tensor, v: Tensor, t: Tensor) -> Tensor:
         """L_t per sample in bits per dimension (shape (B,)), the prediction detached; ``t`` on the steps."""

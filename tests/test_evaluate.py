@@ -27,7 +27,7 @@ from diffusion.evaluation.features import STOP_AFTER_ENV
 from diffusion.evaluation.job import evaluate
 from diffusion.evaluation.reference import ADM_INCEPTION
 from diffusion.sampling_job import StoppedForTest, done_ranges
-from tests.conftest import FAST, ROOT, compose_config, run_script
+from tests.conftest import ROOT, compose_config, run_script, train_tiny_checkpoint
 from tests.tiny_extractors import TinyFeatures
 
 METRICS = "metrics=[fid,sfid,kid,precision_recall]"
@@ -118,11 +118,7 @@ def ref16(samples, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    """A tiny class-conditional DiT (10 digit classes, 8x8 pixels, flow matching) trained 2 steps."""
-    run = tmp_path_factory.mktemp("train") / "run"
-    cli.train(compose_config("train", [*FAST, "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=2"],
-                             run))
-    return run / "checkpoints" / "last.ckpt"
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("train") / "run")
 
 
 # --- 1. processes ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from diffusion.data.digits import DigitsDataModule
 from diffusion.evaluation.job import evaluate
 from diffusion.evaluation.likelihood import image_noise
 from diffusion.likelihood import bits_per_dim, dequantize, log_likelihood
-from tests.conftest import FAST, compose_config
+from tests.conftest import compose_config, train_tiny_checkpoint
 
 NUM = 6
 BPD = ["metrics=[bpd]", f"metrics.bpd.num={NUM}", "metrics.bpd.method=rk4", "metrics.bpd.steps=4"]
@@ -29,11 +29,7 @@ def config(run_dir: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    """A tiny class-conditional DiT (10 digit classes, 8x8 pixels, flow matching) trained 2 steps."""
-    run = tmp_path_factory.mktemp("train") / "run"
-    cli.train(compose_config("train", [*FAST, "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=2"],
-                             run))
-    return run / "checkpoints" / "last.ckpt"
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("train") / "run")
 
 
 def direct_bpd(ckpt: Path, seed: int, batch_size: int, conditional: bool = True) -> torch.Tensor:
