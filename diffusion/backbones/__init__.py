@@ -1,6 +1,7 @@
 """Backbones: forward(x_t, t, cond) -> output of x_t's shape; t in [0, 1], cond a Conditioning."""
 
 from diffusion.backbones.dit import DiT
+from diffusion.backbones.diffusers_mmdit import FluxTransformer, SD3Transformer
 from diffusion.backbones.diffusers_unet import DiffusersUNet
 from diffusion.backbones.registry import (
     DIT_CONFIGS,
@@ -12,4 +13,4 @@ from diffusion.backbones.registry import (
 )
 from diffusion.backbones.unet import UNet
 
-__all__ = ["DiT", "DiffusersUNet", "UNet", "DIT_CONFIGS", "UNET_CONFIGS", "build_dit", "build_unet", "dit_config", "unet_config"]
+__all__ = ["DiT", "DiffusersUNet", "FluxTransformer", "SD3Transformer", "UNet", "DIT_CONFIGS", "UNET_CONFIGS", "build_dit", "build_unet", "dit_config", "unet_config"]

@@ -36,6 +36,18 @@ def shifted(steps: int, shift: float, t_start: float = 1.0, t_end: float = 0.0,
     return time_shift(grid, shift) if schedule is None else schedule.shift_times(grid, shift)
 
 
+def flow_match_euler(steps: int, shift: float = 1.0, num_train_steps: int = 1000) -> Tensor:
+    """The default grid of diffusers' ``FlowMatchEulerDiscreteScheduler(shift=...)`` (SD3's pipeline):
+    ``steps`` times uniform from 1 down to the shifted first training time ``1 / num_train_steps``,
+    through the shift, then a last step to t = 0; ``steps + 1`` times in all. (FLUX's pipeline uses
+    :func:`shifted` instead: uniform from 1 to ``1 / steps``.)"""
+    check_positive("steps", steps)
+    n = int(check_positive("num_train_steps", num_train_steps))
+    last = time_shift(torch.tensor(1 / n, dtype=torch.float64), check_positive("shift", shift))
+    times = time_shift(torch.linspace(1.0, float(last), steps, dtype=torch.float64), shift)
+    return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
+
+
 def geometric(steps: int, schedule: Schedule, sigma_min: float = 0.01, sigma_max: float = 50.0) -> Tensor:
     """Noise levels ``sigma / alpha`` geometric from ``sigma_max`` down to ``sigma_min`` (uniform in
     log-SNR), mapped to the schedule's times, then a last step to t = 0: the VE sampler's grid

@@ -1,0 +1,242 @@
+"""SD3's and FLUX's transformers as backbones, their weights as they are: diffusers'
+SD3Transformer2DModel and FluxTransformer2DModel behind our forward(x_t, t, cond), against diffusers
+itself (the models, and whole StableDiffusion3Pipeline / FluxPipeline runs from prompt embeddings),
+and fine-tuned from the command line. Tiny random transformers saved with save_pretrained stand in
+for the hub's; nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from diffusion import cli
+from diffusion.backbones import FluxTransformer, SD3Transformer
+from diffusion.backbones.diffusers_mmdit import image_ids, pack, unpack
+from diffusion.conditioning import Conditioning
+from diffusion.samplers import ClassifierFreeGuidance, euler, grids
+from diffusion.schedules import FlowMatching
+from diffusion.timesteps import FluxShift
+from tests.conftest import CONF, FAST, compose_config
+from tests.make_captioned_folder import make_captioned_folder
+from tests.tiny_encoders import TINY_VAE_CONFIGS, no_network, save_tiny_hf  # noqa: F401 - no_network: autouse
+
+WIDTH, POOLED = 32, 16  # the tiny text encoders' token width, the tiny CLIP's projection width
+# SD3's layout (MM-DiT joint blocks, 2x2 patches, 16 latent channels), narrow: real 24 blocks of 1536.
+TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=WIDTH, caption_projection_dim=16,
+                pooled_projection_dim=POOLED, pos_embed_max_size=16)
+# FLUX's layout (double- then single-stream blocks, 2x2-packed 16-channel latents, 3-axis RoPE): real
+# 19 + 38 blocks of 3072; the rope axes add up to the head width.
+TINY_FLUX = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=WIDTH, pooled_projection_dim=POOLED,
+                 guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny(kind: str, seed: int = 0, **overrides):
+    cls, config = (SD3Transformer2DModel, TINY_SD3) if kind == "sd3" else (FluxTransformer2DModel, TINY_FLUX)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(**{**config, **overrides}).eval()
+    with torch.no_grad():  # zero-initialised output layers would hide the position of every patch
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.copy_(_randn(*p.shape, seed=seed + p.numel()) * 0.2)
+    return model
+
+
+def _ours(kind: str, theirs, **kwargs):
+    cls = SD3Transformer if kind == "sd3" else FluxTransformer
+    if kind == "flux" and theirs.config.guidance_embeds:
+        kwargs.setdefault("guidance", 3.5)
+    model = cls(config=dict(theirs.config), in_channels=16, token_dim=WIDTH, pooled_dim=POOLED, **kwargs).eval()
+    model.transformer.load_state_dict(theirs.state_dict())
+    return model
+
+
+# --- loading ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("layout", ["transformer", "pipeline"])
+def test_the_backbone_option_loads_a_saved_transformer_as_it_is(kind, layout, tmp_path):
+    root = tmp_path / kind
+    theirs = _tiny(kind, seed=3)
+    theirs.save_pretrained(root / "transformer" if layout == "pipeline" else root)
+    option = "sd3_transformer" if kind == "sd3" else "flux_transformer"
+    cfg = compose_config("train", [f"backbone={option}", f"backbone.pretrained={root}"], tmp_path / "run")
+    assert cfg.backbone.subfolder == "transformer"
+    model = instantiate(cfg.backbone, in_channels=16, token_dim=WIDTH, pooled_dim=POOLED, num_classes=None)
+    assert isinstance(model, SD3Transformer if kind == "sd3" else FluxTransformer) and model.in_channels == 16
+    saved, loaded = theirs.state_dict(), model.transformer.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_the_hub_ids_are_only_defaults():
+    sd3 = OmegaConf.load(Path(CONF) / "backbone" / "sd3_transformer.yaml")
+    assert sd3.pretrained == "stabilityai/stable-diffusion-3-medium-diffusers" and sd3.subfolder == "transformer"
+    flux = OmegaConf.load(Path(CONF) / "backbone" / "flux_transformer.yaml")
+    assert flux.pretrained == "black-forest-labs/FLUX.1-dev" and flux.guidance == 3.5
+
+
+# --- the forward, against diffusers' -----------------------------------------------------------
+def test_sd3_forward_is_diffusers_at_the_timestep_1000_t():
+    theirs = _tiny("sd3", seed=1)
+    model = _ours("sd3", theirs)
+    x, tokens, pooled = _randn(3, 16, 8, 8, seed=1), _randn(3, 7, WIDTH, seed=2), _randn(3, POOLED, seed=3)
+    t = torch.tensor([0.001, 0.5, 1.0])
+    with torch.no_grad():
+        ours = model(x, t, Conditioning(tokens=tokens, pooled=pooled))
+        expected = theirs(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
+                          timestep=torch.tensor([1.0, 500.0, 1000.0])).sample
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+        other = theirs(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
+                       timestep=torch.tensor([0.001, 0.5, 1.0])).sample
+        assert not torch.allclose(ours, other, atol=1e-4)  # the time map matters
+
+
+def _flux_reference(theirs, x, t, tokens, pooled, guidance):
+    """FLUX's pipeline's own call, written out: packing as FluxPipeline._pack_latents, its position ids."""
+    b, c, h, w = x.shape
+    packed = FluxPipeline._pack_latents(x, b, c, h, w)
+    ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    out = theirs(hidden_states=packed, timestep=t, guidance=guidance, pooled_projections=pooled,
+                 encoder_hidden_states=tokens, txt_ids=torch.zeros(tokens.shape[1], 3), img_ids=ids).sample
+    return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)  # vae_scale_factor 8: latents of h x w
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+def test_flux_forward_is_diffusers_on_packed_latents(guidance_embeds):
+    theirs = _tiny("flux", seed=2, guidance_embeds=guidance_embeds)
+    model = _ours("flux", theirs)
+    x, tokens, pooled = _randn(2, 16, 8, 6, seed=4), _randn(2, 5, WIDTH, seed=5), _randn(2, POOLED, seed=6)
+    t = torch.tensor([0.25, 0.9])
+    guidance = torch.full((2,), 3.5) if guidance_embeds else None
+    with torch.no_grad():
+        ours = model(x, t, Conditioning(tokens=tokens, pooled=pooled))
+        torch.testing.assert_close(ours, _flux_reference(theirs, x, t, tokens, pooled, guidance), rtol=0, atol=0)
+        if guidance_embeds:  # the guidance input is live
+            other = _flux_reference(theirs, x, t, tokens, pooled, torch.full((2,), 1.0))
+            assert not torch.allclose(ours, other, atol=1e-4)
+        transposed = model(x.transpose(-1, -2).contiguous()[..., :6, :6], t, Conditioning(tokens=tokens, pooled=pooled))
+        assert transposed.shape == (2, 16, 6, 6)
+
+
+def test_packing_is_flux_pipelines_and_inverts():
+    x = _randn(2, 16, 6, 4, seed=7)
+    torch.testing.assert_close(pack(x), FluxPipeline._pack_latents(x, 2, 16, 6, 4), rtol=0, atol=0)
+    torch.testing.assert_close(unpack(pack(x), 6, 4), x, rtol=0, atol=0)
+    torch.testing.assert_close(image_ids(6, 4), FluxPipeline._prepare_latent_image_ids(1, 3, 2, "cpu", torch.float32))
+    # Hand-checked: the second patch of row 0 is x[:, :, 0:2, 2:4], channel-major.
+    torch.testing.assert_close(pack(x)[:, 1], x[:, :, 0:2, 2:4].reshape(2, -1), rtol=0, atol=0)
+
+
+# --- bad input -----------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,config", [(SD3Transformer, TINY_SD3), (FluxTransformer, TINY_FLUX)])
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(in_channels=4), "takes latents of 16 channels, but the autoencoder gives 4"),
+    (dict(token_dim=768), "tokens of width 32, the text encoder gives width 768"),
+    (dict(pooled_dim=None), "pooled vector of width 16, the text encoder gives none"),
+    (dict(num_classes=10), "no class labels"),
+])
+def test_a_condition_or_latent_it_cannot_take_is_refused_at_build(cls, config, kwargs, match):
+    extra = {"guidance": 3.5} if cls is FluxTransformer else {}
+    with pytest.raises(ValueError, match=match):
+        cls(config=config, **{"in_channels": 16, "token_dim": WIDTH, "pooled_dim": POOLED, **extra, **kwargs})
+
+
+def test_bad_sources_guidance_and_inputs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of pretrained"):
+        SD3Transformer(token_dim=WIDTH, pooled_dim=POOLED)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no transformer"):
+        FluxTransformer(pretrained=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="takes a guidance scale.*backbone.guidance"):
+        FluxTransformer(config=TINY_FLUX)
+    with pytest.raises(ValueError, match="no guidance input.*backbone.guidance=null"):
+        FluxTransformer(config={**TINY_FLUX, "guidance_embeds": False}, guidance=3.5)
+    with pytest.raises(ValueError, match="2x2-packed"):
+        FluxTransformer(config={**TINY_FLUX, "in_channels": 18}, guidance=3.5)
+    model = SD3Transformer(config=TINY_SD3, token_dim=WIDTH, pooled_dim=POOLED)
+    x, t = torch.zeros(2, 16, 8, 8), torch.full((2,), 0.5)
+    with pytest.raises(ValueError, match="needs cond.tokens of width 32"):
+        model(x, t)
+    with pytest.raises(ValueError, match="needs cond.pooled"):
+        model(x, t, Conditioning(tokens=torch.zeros(2, 3, WIDTH)))
+    with pytest.raises(ValueError, match=r"cond.pooled of shape \(2, 16\)"):
+        model(x, t, Conditioning(tokens=torch.zeros(2, 3, WIDTH), pooled=torch.zeros(2, 5)))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model(torch.zeros(2, 16, 7, 8), t, Conditioning(tokens=torch.zeros(2, 3, WIDTH), pooled=torch.zeros(2, 16)))
+
+
+# --- sampling: our Euler on flow matching against the pipelines ---------------------------------
+def _embeddings(seed: int):
+    return (_randn(2, 7, WIDTH, seed=seed), _randn(2, POOLED, seed=seed + 1),
+            _randn(2, 7, WIDTH, seed=seed + 2), _randn(2, POOLED, seed=seed + 3))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_our_euler_gives_the_latents_of_a_stable_diffusion_3_pipeline(guidance):
+    """SD3's scheduler (shift 3.0) and its default grid (grids.flow_match_euler); the same noise and
+    prompt embeddings, the negative ones passed too, so the pipeline needs no tokenizer."""
+    steps, theirs = 5, _tiny("sd3", seed=5)
+    tokens, pooled, null_tokens, null_pooled = _embeddings(10)
+    noise = _randn(2, 16, 8, 8, seed=8)
+    pipe = StableDiffusion3Pipeline(transformer=theirs, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+                    negative_pooled_prompt_embeds=null_pooled, latents=noise.clone(), num_inference_steps=steps,
+                    guidance_scale=guidance, output_type="latent", height=64, width=64).images
+
+    model = ClassifierFreeGuidance(_ours("sd3", theirs), Conditioning(tokens=tokens, pooled=pooled),
+                                   Conditioning(tokens=null_tokens, pooled=null_pooled), guidance)
+    grid = grids.flow_match_euler(steps, shift=3.0)
+    with torch.no_grad():
+        ours = euler(model, FlowMatching(), noise, grid)
+    assert (expected - noise).abs().mean() > 0.1  # not a degenerate run
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_sd3_grid_is_the_schedulers():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(7)
+    torch.testing.assert_close(grids.flow_match_euler(7, shift=3.0).float(), scheduler.sigmas, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+def test_our_euler_gives_the_latents_of_a_flux_pipeline(guidance_embeds):
+    """FLUX's scheduler (dynamic exponential shift, mu linear in the token count): our shifted grid
+    with FluxShift's shift of the latents' size. The pipeline takes and returns packed latents."""
+    steps, theirs = 4, _tiny("flux", seed=6, guidance_embeds=guidance_embeds)
+    tokens, pooled, _, _ = _embeddings(20)
+    noise = _randn(2, 16, 8, 8, seed=9)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096,
+                                                time_shift_type="exponential")
+    pipe = FluxPipeline(transformer=theirs, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    packed = pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled, latents=pack(noise), num_inference_steps=steps,
+                  guidance_scale=3.5, output_type="latent", height=64, width=64).images
+    expected = unpack(packed, 8, 8)
+
+    model = ClassifierFreeGuidance(_ours("flux", theirs), Conditioning(tokens=tokens, pooled=pooled), None, 1.0)
+    grid = grids.shifted(steps, FluxShift()(8, 8))
+    with torch.no_grad():
+        ours = euler(model, FlowMatching(), noise, grid)
+    assert (expected - noise).abs().mean() > 0.1
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
