@@ -240,3 +240,53 @@ def test_our_euler_gives_the_latents_of_a_flux_pipeline(guidance_embeds):
         ours = euler(model, FlowMatching(), noise, grid)
     assert (expected - noise).abs().mean() > 0.1
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- fine-tuning from the command line ------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_finetune_trains_from_the_saved_transformer(kind, tmp_path):
+    """experiment=finetune_sd3 / finetune_flux with a tiny saved transformer, a tiny 16-channel VAE
+    saved as a pipeline's vae/ and a tiny CLIP (tokens 32, pooled 16) as the single text encoder."""
+    from diffusers import AutoencoderKL
+
+    theirs = _tiny(kind, seed=1)
+    theirs.save_pretrained(tmp_path / "model" / "transformer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoencoderKL(**TINY_VAE_CONFIGS["flux"]).save_pretrained(tmp_path / "model" / "vae")
+    clip = save_tiny_hf("clip", tmp_path / "clip")
+    images = make_captioned_folder(tmp_path / "images", n=8, sizes=[(64, 64)], layout="csv")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
+    cfg = compose_config("train", [
+        *fast, f"experiment=finetune_{kind}", f"backbone.pretrained={tmp_path / 'model'}",
+        f"vae.pretrained={tmp_path / 'model'}", f"text_encoder.pretrained={clip}", "text_encoder.max_length=16",
+        f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
+        "data.module.num_workers=0", "model.optim.optimizer.lr=1e-3",
+    ], tmp_path / "run")
+    metrics = cli.train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert checkpoint["global_step"] == 4
+    trained = {k.removeprefix("backbone.transformer."): v for k, v in checkpoint["state_dict"].items()
+               if k.startswith("backbone.transformer.")}
+    start = theirs.state_dict()
+    assert trained.keys() == start.keys()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the released weights moved
+    model = cli.load_module(ckpt)
+    assert isinstance(model.backbone, SD3Transformer if kind == "sd3" else FluxTransformer)
+    images = model.sample(2, ["a red circle", "a blue square"], steps=2)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_the_recipes_pair_flow_matching_with_each_models_shift(tmp_path):
+    sd3 = compose_config("train", ["experiment=finetune_sd3"], tmp_path / "sd3")
+    flux = compose_config("train", ["experiment=finetune_flux"], tmp_path / "flux")
+    for cfg in (sd3, flux):
+        assert cfg.schedule.schedule._target_ == "diffusion.schedules.FlowMatching"
+        assert cfg.schedule.time_distribution._target_ == "diffusion.timesteps.LogitNormal"
+    assert sd3.schedule.time_distribution.shift == 3.0 and sd3.vae.pretrained.startswith("stabilityai/")
+    grid = instantiate(sd3.schedule.grid, _partial_=True)
+    torch.testing.assert_close(grid(28), grids.flow_match_euler(28, 3.0))
+    shift = instantiate(flux.schedule.time_distribution).shift
+    assert isinstance(shift, FluxShift) and shift(128, 128) == pytest.approx(flux.schedule.grid.shift, rel=1e-4)
