@@ -242,24 +242,117 @@ def test_our_euler_gives_the_latents_of_a_flux_pipeline(guidance_embeds):
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
+# --- the text encoders as the pipelines run them ------------------------------------------------
+def _save_pipeline_encoders(root: Path, kind: str) -> Path:
+    """Tiny text encoders in a pipeline repository's layout: SD3's CLIP-L, CLIP-G (both with projection)
+    and a T5 wider than the two CLIPs side by side (64 > 32 + 32, as 4096 > 768 + 1280); FLUX's CLIP
+    (without projection) and T5."""
+    import transformers
+
+    parts = [("clip", "text_encoder", "tokenizer", 0), ("clip", "text_encoder_2", "tokenizer_2", 1),
+             ("t5", "text_encoder_3", "tokenizer_3", 2)]
+    if kind == "flux":
+        parts = [("clip_text", "text_encoder", "tokenizer", 0), ("t5", "text_encoder_2", "tokenizer_2", 1)]
+    for family, model_dir, tokenizer_dir, seed in parts:
+        save_tiny_hf(family, root / model_dir, seed)
+        save_tiny_hf(family, root / tokenizer_dir, seed)
+    if kind == "sd3":
+        config = transformers.T5Config.from_pretrained(root / "text_encoder_3")
+        config.d_model, config.d_ff = 64, 96
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(2)
+            transformers.T5EncoderModel(config).save_pretrained(root / "text_encoder_3")
+    return root
+
+
+def _text_encoder(root: Path, kind: str, tmp_path: Path, length: int = 16):
+    parts = ["clip_l", "clip_g", "t5"] if kind == "sd3" else ["clip", "t5"]
+    cfg = compose_config("train", [f"text_encoder={kind}", f"text_encoder.pretrained={root}",
+                                   *[f"text_encoder.encoders.{p}.max_length={length}" for p in parts]],
+                         tmp_path / "run")
+    return instantiate(cfg.text_encoder)
+
+
+def test_sd3s_text_encoders_give_its_pipelines_prompt_embeddings(tmp_path):
+    root = _save_pipeline_encoders(tmp_path / "sd3", "sd3")
+    encoder = _text_encoder(root, "sd3", tmp_path, length=64)  # the tiny tokenizers' model_max_length
+    assert encoder.token_dim == 64 and encoder.pooled_dim == 32 and encoder.max_length == 128
+    import transformers
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=None, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+        text_encoder=transformers.CLIPTextModelWithProjection.from_pretrained(root / "text_encoder"),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(root / "tokenizer"),
+        text_encoder_2=transformers.CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2"),
+        tokenizer_2=transformers.AutoTokenizer.from_pretrained(root / "tokenizer_2"),
+        text_encoder_3=transformers.T5EncoderModel.from_pretrained(root / "text_encoder_3"),
+        tokenizer_3=transformers.AutoTokenizer.from_pretrained(root / "tokenizer_3"))
+    prompts = ["a red cat on the sea", "a photo of a big house"]
+    with torch.no_grad():
+        tokens, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
+                                                  max_sequence_length=64)
+    got = encoder(prompts)
+    torch.testing.assert_close(got.tokens, tokens, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.pooled, pooled, rtol=1e-5, atol=1e-5)
+    assert got.mask.shape == (2, 128) and encoder.fingerprint()["clip_l.layer"] == "penultimate"
+
+
+def test_fluxs_text_encoders_give_its_pipelines_prompt_embeddings(tmp_path):
+    import transformers
+
+    root = _save_pipeline_encoders(tmp_path / "flux", "flux")
+    encoder = _text_encoder(root, "flux", tmp_path, length=64)
+    pipe = FluxPipeline(
+        transformer=None, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+        text_encoder=transformers.CLIPTextModel.from_pretrained(root / "text_encoder"),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(root / "tokenizer"),
+        text_encoder_2=transformers.T5EncoderModel.from_pretrained(root / "text_encoder_2"),
+        tokenizer_2=transformers.AutoTokenizer.from_pretrained(root / "tokenizer_2"))
+    prompts = ["a red cat on the sea", "a photo of a big house"]
+    with torch.no_grad():
+        tokens, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=64)
+    got = encoder(prompts)
+    torch.testing.assert_close(got.tokens, tokens, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.pooled, pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_a_joint_encoder_refuses_names_and_shapes_it_cannot_join(tmp_path):
+    from diffusion.encoders import HFTextEncoder, JointTextEncoder
+
+    clip = HFTextEncoder(str(save_tiny_hf("clip", tmp_path / "c")), max_length=8)
+    bare = HFTextEncoder(str(save_tiny_hf("t5", tmp_path / "t")), max_length=6, pooling="none")
+    with pytest.raises(ValueError, match="no encoder named 'g'.*'clip'"):
+        JointTextEncoder({"clip": clip}, tokens=[["g"]])
+    with pytest.raises(ValueError, match="'t5' gives no pooled vector"):
+        JointTextEncoder({"clip": clip, "t5": bare}, tokens=[["clip"]], pooled=["t5"])
+    with pytest.raises(ValueError, match="same length"):
+        JointTextEncoder({"clip": clip, "t5": bare}, tokens=[["clip", "t5"]])
+    with pytest.raises(ValueError, match="do not fit token_dim=16"):
+        JointTextEncoder({"clip": clip}, tokens=[["clip"]], token_dim=16)
+    with pytest.raises(ValueError, match="layer"):
+        HFTextEncoder(str(tmp_path / "c"), layer="middle")
+
+
 # --- fine-tuning from the command line ------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_finetune_trains_from_the_saved_transformer(kind, tmp_path):
-    """experiment=finetune_sd3 / finetune_flux with a tiny saved transformer, a tiny 16-channel VAE
-    saved as a pipeline's vae/ and a tiny CLIP (tokens 32, pooled 16) as the single text encoder."""
+    """experiment=finetune_sd3 / finetune_flux from a tiny pipeline directory: its transformer/, a tiny
+    16-channel vae/ and its tiny text encoders (SD3: CLIP-L + CLIP-G + T5; FLUX: CLIP + T5)."""
     from diffusers import AutoencoderKL
 
-    theirs = _tiny(kind, seed=1)
-    theirs.save_pretrained(tmp_path / "model" / "transformer")
+    root = _save_pipeline_encoders(tmp_path / "model", kind)
+    widths = dict(joint_attention_dim=64, pooled_projection_dim=32) if kind == "sd3" else dict(pooled_projection_dim=32)
+    theirs = _tiny(kind, seed=1, **widths)
+    theirs.save_pretrained(root / "transformer")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        AutoencoderKL(**TINY_VAE_CONFIGS["flux"]).save_pretrained(tmp_path / "model" / "vae")
-    clip = save_tiny_hf("clip", tmp_path / "clip")
+        AutoencoderKL(**TINY_VAE_CONFIGS["flux"]).save_pretrained(root / "vae")
     images = make_captioned_folder(tmp_path / "images", n=8, sizes=[(64, 64)], layout="csv")
     fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
+    parts = ["clip_l", "clip_g", "t5"] if kind == "sd3" else ["clip", "t5"]
     cfg = compose_config("train", [
-        *fast, f"experiment=finetune_{kind}", f"backbone.pretrained={tmp_path / 'model'}",
-        f"vae.pretrained={tmp_path / 'model'}", f"text_encoder.pretrained={clip}", "text_encoder.max_length=16",
+        *fast, f"experiment=finetune_{kind}", f"backbone.pretrained={root}", f"vae.pretrained={root}",
+        f"text_encoder.pretrained={root}", *[f"text_encoder.encoders.{p}.max_length=16" for p in parts],
         f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
         "data.module.num_workers=0", "model.optim.optimizer.lr=1e-3",
     ], tmp_path / "run")

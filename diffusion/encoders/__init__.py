@@ -2,6 +2,7 @@
 
 from diffusion.encoders.base import TextEncoder
 from diffusion.encoders.hf import HFTextEncoder
+from diffusion.encoders.joint import JointTextEncoder
 from diffusion.encoders.openclip import OpenCLIPTextEncoder
 
-__all__ = ["HFTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]
+__all__ = ["HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]
