@@ -29,34 +29,23 @@ from diffusion.schedules import FlowMatching
 from diffusion.timesteps import FluxShift
 from tests.conftest import CONF, FAST, compose_config
 from tests.make_captioned_folder import make_captioned_folder
-from tests.tiny_encoders import TINY_VAE_CONFIGS, no_network, save_tiny_hf  # noqa: F401 - no_network: autouse
-
-WIDTH, POOLED = 32, 16  # the tiny text encoders' token width, the tiny CLIP's projection width
-# SD3's layout (MM-DiT joint blocks, 2x2 patches, 16 latent channels), narrow: real 24 blocks of 1536.
-TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=WIDTH, caption_projection_dim=16,
-                pooled_projection_dim=POOLED, pos_embed_max_size=16)
-# FLUX's layout (double- then single-stream blocks, 2x2-packed 16-channel latents, 3-axis RoPE): real
-# 19 + 38 blocks of 3072; the rope axes add up to the head width.
-TINY_FLUX = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=WIDTH, pooled_projection_dim=POOLED,
-                 guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-
+from tests.tiny_encoders import no_network, save_tiny_hf  # noqa: F401 - no_network: autouse
+from tests.tiny_mmdit import (
+    POOLED,
+    TINY_FLUX,
+    TINY_SD3,
+    WIDTH,
+    overrides,
+    save_pipeline_encoders,
+    save_pipeline_parts,
+    tiny_transformer,
+)
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _tiny(kind: str, seed: int = 0, **overrides):
-    cls, config = (SD3Transformer2DModel, TINY_SD3) if kind == "sd3" else (FluxTransformer2DModel, TINY_FLUX)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(**{**config, **overrides}).eval()
-    with torch.no_grad():  # zero-initialised output layers would hide the position of every patch
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.copy_(_randn(*p.shape, seed=seed + p.numel()) * 0.2)
-    return model
+_tiny = tiny_transformer
 
 
 def _ours(kind: str, theirs, **kwargs):
@@ -243,26 +232,7 @@ def test_our_euler_gives_the_latents_of_a_flux_pipeline(guidance_embeds):
 
 
 # --- the text encoders as the pipelines run them ------------------------------------------------
-def _save_pipeline_encoders(root: Path, kind: str) -> Path:
-    """Tiny text encoders in a pipeline repository's layout: SD3's CLIP-L, CLIP-G (both with projection)
-    and a T5 wider than the two CLIPs side by side (64 > 32 + 32, as 4096 > 768 + 1280); FLUX's CLIP
-    (without projection) and T5."""
-    import transformers
-
-    parts = [("clip", "text_encoder", "tokenizer", 0), ("clip", "text_encoder_2", "tokenizer_2", 1),
-             ("t5", "text_encoder_3", "tokenizer_3", 2)]
-    if kind == "flux":
-        parts = [("clip_text", "text_encoder", "tokenizer", 0), ("t5", "text_encoder_2", "tokenizer_2", 1)]
-    for family, model_dir, tokenizer_dir, seed in parts:
-        save_tiny_hf(family, root / model_dir, seed)
-        save_tiny_hf(family, root / tokenizer_dir, seed)
-    if kind == "sd3":
-        config = transformers.T5Config.from_pretrained(root / "text_encoder_3")
-        config.d_model, config.d_ff = 64, 96
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(2)
-            transformers.T5EncoderModel(config).save_pretrained(root / "text_encoder_3")
-    return root
+_save_pipeline_encoders = save_pipeline_encoders
 
 
 def _text_encoder(root: Path, kind: str, tmp_path: Path, length: int = 16):
@@ -338,21 +308,12 @@ def test_a_joint_encoder_refuses_names_and_shapes_it_cannot_join(tmp_path):
 def test_finetune_trains_from_the_saved_transformer(kind, tmp_path):
     """experiment=finetune_sd3 / finetune_flux from a tiny pipeline directory: its transformer/, a tiny
     16-channel vae/ and its tiny text encoders (SD3: CLIP-L + CLIP-G + T5; FLUX: CLIP + T5)."""
-    from diffusers import AutoencoderKL
-
-    root = _save_pipeline_encoders(tmp_path / "model", kind)
-    widths = dict(joint_attention_dim=64, pooled_projection_dim=32) if kind == "sd3" else dict(pooled_projection_dim=32)
-    theirs = _tiny(kind, seed=1, **widths)
-    theirs.save_pretrained(root / "transformer")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        AutoencoderKL(**TINY_VAE_CONFIGS["flux"]).save_pretrained(root / "vae")
+    root = tmp_path / "model"
+    theirs = save_pipeline_parts(root, kind)
     images = make_captioned_folder(tmp_path / "images", n=8, sizes=[(64, 64)], layout="csv")
     fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
-    parts = ["clip_l", "clip_g", "t5"] if kind == "sd3" else ["clip", "t5"]
     cfg = compose_config("train", [
-        *fast, f"experiment=finetune_{kind}", f"backbone.pretrained={root}", f"vae.pretrained={root}",
-        f"text_encoder.pretrained={root}", *[f"text_encoder.encoders.{p}.max_length=16" for p in parts],
+        *fast, f"experiment=finetune_{kind}", *overrides(root, kind),
         f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
         "data.module.num_workers=0", "model.optim.optimizer.lr=1e-3",
     ], tmp_path / "run")
@@ -383,3 +344,4 @@ def test_the_recipes_pair_flow_matching_with_each_models_shift(tmp_path):
     torch.testing.assert_close(grid(28), grids.flow_match_euler(28, 3.0))
     shift = instantiate(flux.schedule.time_distribution).shift
     assert isinstance(shift, FluxShift) and shift(128, 128) == pytest.approx(flux.schedule.grid.shift, rel=1e-4)
+

@@ -47,7 +47,11 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         target = config._target_.rsplit(".", 1)[1]
         return type(obj).__name__ == target or getattr(obj, "__name__", None) == target
 
-    if group == "backbone" and "pretrained" in node:  # a released model's (nothing downloads here): tiny, random
+    if group == "backbone" and node._target_.endswith(("SD3Transformer", "FluxTransformer")):  # tests/tiny_mmdit.py
+        from tests.tiny_mmdit import check_tiny_backbone_option
+
+        check_tiny_backbone_option(node)
+    elif group == "backbone" and "pretrained" in node:  # a released model's (nothing downloads here): tiny, random
         from omegaconf import OmegaConf
 
         from diffusion.conditioning import Conditioning
@@ -114,6 +118,10 @@ def _with_tiny_released_parts(cfg, tmp_path):
     from omegaconf import open_dict
 
     from tests.tiny_encoders import TINY_OPENCLIP_CONFIG, TINY_VAE_CONFIGS, save_tiny_hf, save_tiny_sd_unet
+    from tests.tiny_mmdit import TARGETS, with_tiny_pipeline_parts
+
+    if cfg.backbone._target_.endswith(TARGETS):  # SD3 / FLUX: a tiny pipeline directory
+        return with_tiny_pipeline_parts(cfg, tmp_path)
 
     assert cfg.backbone.pretrained.startswith(("runwayml/", "stabilityai/")) and cfg.vae.pretrained.startswith("stabilityai/")
     with open_dict(cfg):
