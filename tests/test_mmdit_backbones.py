@@ -78,6 +78,9 @@ def test_the_hub_ids_are_only_defaults():
     assert sd3.pretrained == "stabilityai/stable-diffusion-3-medium-diffusers" and sd3.subfolder == "transformer"
     flux = OmegaConf.load(Path(CONF) / "backbone" / "flux_transformer.yaml")
     assert flux.pretrained == "black-forest-labs/FLUX.1-dev" and flux.guidance == 3.5
+    for name, repo in (("sd3", sd3.pretrained), ("flux", flux.pretrained)):  # the text encoders: the same repository
+        assert OmegaConf.load(Path(CONF) / "text_encoder" / f"{name}.yaml").pretrained == repo
+    assert OmegaConf.load(Path(CONF) / "vae" / "sd3.yaml").pretrained == sd3.pretrained
 
 
 # --- the forward, against diffusers' -----------------------------------------------------------

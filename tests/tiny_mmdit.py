@@ -22,7 +22,8 @@ TINY_FLUX: dict[str, Any] = dict(patch_size=1, in_channels=64, num_layers=1, num
                                  pooled_projection_dim=POOLED, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 # The widths of the joint text encoders of save_pipeline_parts: SD3's 2 CLIPs side by side (32 + 32)
 # under a T5 of 64, pooled 16 + 16; FLUX's T5 tokens (32) and CLIPTextModel's pooled EOS state (32).
-PIPELINE_WIDTHS = {"sd3": dict(joint_attention_dim=64, pooled_projection_dim=32), "flux": dict(pooled_projection_dim=32)}
+PIPELINE_WIDTHS = {"sd3": dict(joint_attention_dim=64, pooled_projection_dim=32),
+                   "flux": dict(pooled_projection_dim=32)}
 TEXT_PARTS = {"sd3": ["clip_l", "clip_g", "t5"], "flux": ["clip", "t5"]}
 TARGETS = ("SD3Transformer", "FluxTransformer")
 

@@ -110,7 +110,8 @@ class SD3Transformer(_DiffusersTransformer):
         c = self.transformer.config
         self.num_train_steps = int(num_train_steps)
         self.in_channels = int(c.in_channels)
-        self.token_dim, self.pooled_dim, self.num_classes = int(c.joint_attention_dim), int(c.pooled_projection_dim), None
+        self.token_dim, self.pooled_dim = int(c.joint_attention_dim), int(c.pooled_projection_dim)
+        self.num_classes = None
         self.downsample_factor = int(c.patch_size)
         if int(c.out_channels) != self.in_channels:
             raise ValueError(f"{self.name} takes {self.in_channels} channels and returns {c.out_channels}; a "
@@ -175,7 +176,8 @@ class FluxTransformer(_DiffusersTransformer):
             raise ValueError(f"{self.name} {need}; got guidance={guidance!r}")
         self.guidance = None if guidance is None else float(guidance)
         self.in_channels = int(c.in_channels) // 4
-        self.token_dim, self.pooled_dim, self.num_classes = int(c.joint_attention_dim), int(c.pooled_projection_dim), None
+        self.token_dim, self.pooled_dim = int(c.joint_attention_dim), int(c.pooled_projection_dim)
+        self.num_classes = None
         self.downsample_factor = 2
         self._check_build(in_channels, token_dim, pooled_dim, num_classes, "vae=flux, 16 channels")
 

@@ -39,7 +39,8 @@ class JointTextEncoder(TextEncoder):
         self.pooled_names = list(pooled)
         for name in [n for g in self.groups for n in g] + self.pooled_names:
             if name not in self.encoders:
-                raise ValueError(f"JointTextEncoder: no encoder named {name!r}; the encoders are {sorted(self.encoders)}")
+                raise ValueError(f"JointTextEncoder: no encoder named {name!r}; the encoders are "
+                                 f"{sorted(self.encoders)}")
         if not self.groups or not all(self.groups):
             raise ValueError(f"JointTextEncoder: tokens must be non-empty groups of encoder names, got {self.groups}")
         for name in self.pooled_names:
