@@ -181,6 +181,7 @@ def test_adapter_lora_from_the_command_line_trains_and_saves_only_the_lora(lora_
 
 def test_a_lora_run_resumes_where_it_stopped(lora_runs):
     _, straight, resumed = lora_runs
+    assert (resumed.parents[1] / ".hydra" / "resumed" / "step_0000002" / "resume.yaml").is_file()  # not restarted
     a, b = (torch.load(p, weights_only=True) for p in (straight, resumed))
     assert a["global_step"] == b["global_step"] == 4
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -263,3 +264,27 @@ def test_a_stable_diffusion_pipeline_loads_our_lora_file_and_gives_our_output(tm
         ours = backbone(x, t, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, ours, atol=1e-3)  # the file was applied
+
+
+# --- the config group --------------------------------------------------------------------------------
+@pytest.mark.parametrize("option,target", [("full", "Full"), ("lora", "LoRA"), ("frozen", "Frozen")])
+def test_each_adapter_option_builds_the_module(option, target, tmp_path):
+    module = cli.build_module(compose_config("train", [*FAST, f"adapter={option}"], tmp_path))
+    assert type(module.adapter).__name__ == target
+    trains = {n for n, p in module.backbone.named_parameters() if p.requires_grad}
+    every = {n for n, _ in module.backbone.named_parameters()}
+    assert trains == {"full": every, "lora": {n for n in every if ".lora_" in n}, "frozen": set()}[option]
+
+
+def test_adapter_full_is_the_module_without_an_adapter(tmp_path):
+    """The default changes nothing: the same weights from the same seed, the same state, no record."""
+    cfg = compose_config("train", FAST, tmp_path)
+    assert cfg.adapter._target_ == "diffusion.adapters.Full"
+    torch.manual_seed(0)
+    with_full = cli.build_module(cfg)
+    del cfg.adapter
+    torch.manual_seed(0)
+    without = cli.build_module(cfg)
+    a, b = with_full.state_dict(), without.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert with_full.base_weights_sha256 is None
