@@ -288,3 +288,40 @@ def test_adapter_full_is_the_module_without_an_adapter(tmp_path):
     a, b = with_full.state_dict(), without.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert with_full.base_weights_sha256 is None
+
+
+def test_a_stable_diffusion_lora_fine_tune_exports_diffusers_files(tmp_path):
+    """experiment=finetune_sd15 adapter=lora on a tiny saved UNet; export.py writes the LoRA file, which a
+    diffusers UNet loads, and the merged UNet weights, which equal the base UNet with that LoRA."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from tests.make_captioned_folder import make_captioned_folder
+
+    save_tiny_sd_unet(tmp_path / "unet", seed=1)
+    clip = save_tiny_hf("clip_text", tmp_path / "clip")
+    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
+    cfg = compose_config("train", [
+        *fast, "trainer.max_steps=2", "experiment=finetune_sd15", f"backbone.pretrained={tmp_path / 'unet'}",
+        "vae=tiny_sd", f"text_encoder.pretrained={clip}", "text_encoder.max_length=16",
+        f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
+        "data.module.num_workers=0", "model.optim.optimizer.lr=1e-2", "adapter=lora", "adapter.rank=2",
+        "adapter.alpha=1", "model.ema_decay=0.5",
+    ], tmp_path / "run")
+    cli.train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = cli.export(compose_config("export", [f"ckpt={ckpt}", f"out={tmp_path / 'export'}"], tmp_path))
+    model = cli.load_module(ckpt)
+    x, t, cond = _unet_inputs()
+    steps = model.ema.module.timestep(t)
+    with torch.no_grad():
+        ours = model.ema.module(x, t, cond)
+        lora_unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+        lora_unet.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
+        merged_unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+        merged_unet.load_state_dict({k.removeprefix("unet."): v for k, v in load_file(out / "ema.safetensors").items()})
+        base = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()(x, steps, cond.tokens).sample
+        for unet in (lora_unet, merged_unet):
+            torch.testing.assert_close(unet(x, steps, cond.tokens).sample, ours, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(base, ours, atol=1e-4)  # the LoRA was trained away from zero
