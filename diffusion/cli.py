@@ -78,9 +78,19 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     if autoencoder is not None:
         factor = autoencoder.downsample_factor
         channels, height, width = autoencoder.latent_channels, height // factor, width // factor
-    backbone = instantiate(cfg.backbone, in_channels=channels, **conditioner.backbone_kwargs())
+    # What trains of the backbone (conf/adapter). An adapter's base weights are fixed and only hashed in
+    # checkpoints: a randomly initialised base is built under the run's seed, so that it comes out the same.
+    adapter = instantiate(cfg.adapter, _convert_="all") if cfg.get("adapter") is not None else None
+    with torch.random.fork_rng(devices=[], enabled=adapter is not None and not adapter.trains_base):
+        if adapter is not None and not adapter.trains_base:
+            torch.manual_seed(cfg.seed)
+        backbone = instantiate(cfg.backbone, in_channels=channels, **conditioner.backbone_kwargs())
+    if adapter is not None and adapter.base is not None:
+        from diffusion.adapters import load_base
+
+        load_base(backbone, adapter, read_checkpoint)
     return instantiate(cfg.model, backbone=backbone, conditioner=conditioner, autoencoder=autoencoder,
-                       image_shape=(channels, height, width), _convert_="object")
+                       image_shape=(channels, height, width), adapter=adapter, _convert_="object")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -323,15 +333,25 @@ def sample(cfg: DictConfig, *, out_key: str = "out", num_in_name: bool = False) 
 
 def export(cfg: DictConfig) -> Path:
     """The EMA weights of a checkpoint as ``ema.safetensors``, beside the resolved ``config.yaml``
-    that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``)."""
+    that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``).
+
+    A LoRA is merged into its base weights there (and config.yaml says adapter=full); a LoRA of a
+    diffusers UNet is also written as diffusers' ``pytorch_lora_weights.safetensors``."""
     from safetensors.torch import save_file
+
+    from diffusion.adapters import LoRA, merged, save_diffusers_lora
 
     path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path)
     out = Path(cfg.out) if cfg.out else run_of(path) / "export"
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.contiguous() for k, v in model.ema.module.state_dict().items()}
+    backbone, config, written = model.ema.module, dict(model.run_config), ["ema.safetensors", "config.yaml"]
+    if isinstance(model.adapter, LoRA):
+        if type(backbone).__name__ == "DiffusersUNet":
+            written.append(save_diffusers_lora(backbone, model.adapter, out).name)
+        backbone, config["adapter"] = merged(backbone), {"_target_": "diffusion.adapters.Full"}
+    weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     save_file(weights, out / "ema.safetensors", metadata={"source": str(path)})
-    OmegaConf.save(OmegaConf.create(model.run_config), out / "config.yaml")
-    print(f"wrote {out / 'ema.safetensors'} and {out / 'config.yaml'}")
+    OmegaConf.save(OmegaConf.create(config), out / "config.yaml")
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
     return out

@@ -56,3 +56,18 @@ def check_frozen_weights(expected: dict[str, str], found: dict[str, str] | None,
             + "\nbuild the model with the VAE and text encoder the run used (vae=..., text_encoder=..., the run's seed "
             "for random-weight encoders), or train a new model"
         )
+
+
+def check_adapter(name: str, base_sha256: str | None, found: dict[str, Any] | None, source: str) -> None:
+    """Refuse a checkpoint trained with another adapter, or an adapter trained on other base weights
+    (they are not in the checkpoint: only their sha256, compared here)."""
+    found = found or {"name": "full", "base_weights_sha256": None}
+    if found.get("name") != name:
+        raise ValueError(f"{source} was trained with adapter={found.get('name')}, this model is built with "
+                         f"adapter={name}; build it with adapter={found.get('name')}")
+    if found.get("base_weights_sha256") != base_sha256:
+        raise ValueError(
+            f"{source} holds an adapter={name} trained on other base weights than this model's backbone (sha256 "
+            f"{found.get('base_weights_sha256')} there, {base_sha256} here); build the backbone the run used "
+            "(the same backbone.pretrained weights, or the run's seed for a random backbone)"
+        )

@@ -15,12 +15,16 @@ class EMA(nn.Module):
     initialisation quickly. The averaged copy and ``n`` are saved with the module's state.
     Under FSDP2 the copy is sharded like the model, and each process averages its own shards."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, trainable_only: bool = False):
+        """``trainable_only`` (an adapter fixes the base weights): the copy shares the model's
+        parameters that do not train instead of holding its own, and only the others are averaged."""
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
-        self.decay, self.warmup = decay, warmup
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.trainable_only = decay, warmup, trainable_only
+        # deepcopy's memo maps each fixed parameter to itself: the copy holds the same tensor, no second one.
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad} if trainable_only else {}
+        self.module = copy.deepcopy(model, memo=shared).eval().requires_grad_(False)
         # n twice: the buffer goes into checkpoints; the host's copy gives each update its decay
         # without reading the buffer from the device, which would make the host wait every step.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
@@ -38,7 +42,8 @@ class EMA(nn.Module):
             # An FSDP2 copy whose parameters are gathered: an update would go to a temporary buffer.
             raise RuntimeError("the sharded EMA copy holds gathered parameters; shard it with "
                                "fully_shard_by_block(..., forward_only=True) so that they are resharded after forward")
-        pairs = [_alike(e, p) for e, p in zip(self.module.parameters(), model.parameters())]
+        pairs = [_alike(e, p) for e, p in zip(self.module.parameters(), model.parameters())
+                 if p.requires_grad or not self.trainable_only]
         ema_params = [e for e, _ in pairs]
         torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in pairs], 1.0 - decay)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):

@@ -13,9 +13,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from diffusion.adapters import Adapter, Full, base_parameter_names
 from diffusion.conditioning import Conditioner, Unconditional, drop_condition
 from diffusion.data.batching import batches_processed, check_split_over_processes
-from diffusion.frozen import FrozenModule
+from diffusion.frozen import FrozenModule, weights_sha256
 from diffusion.objective import DiffusionObjective
 from diffusion.precision import autocast_backbone
 from diffusion.samplers import ClassifierFreeGuidance, PerSampleNoise, get_sampler, grids
@@ -23,7 +24,7 @@ from diffusion.samplers.grids import bind_schedule
 from diffusion.samplers.noise import randn
 from diffusion.schedules import Schedule, with_model_input
 from diffusion.timesteps import TimeDistribution, Uniform
-from diffusion.training.checkpoint_io import check_frozen_weights, check_state_fits
+from diffusion.training.checkpoint_io import check_adapter, check_frozen_weights, check_state_fits
 from diffusion.training.ema import EMA
 from diffusion.training.finite import FiniteLossCheck
 from diffusion.training.optim import OptimConfig, parameter_groups
@@ -79,20 +80,28 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         offset_noise: float = 0.0,
         vlb_weight: float = VLB_WEIGHT,
+        adapter: Adapter | None = None,
     ):
         """``image_shape`` is the (C, H, W) the backbone works in: the latents' shape when an
         autoencoder is given. Batches carry ``image`` (pixels, encoded here) or ``latent``
         (from a cache). ``offset_noise`` adds a per-channel constant of that standard deviation to the
         training noise (diffusion.training.randomness.draw_step); validation keeps plain noise, so its
         losses compare across runs. ``vlb_weight`` is the lambda of the hybrid loss of a backbone that
-        learns its variance (learn_sigma; diffusion.variance), 0 to leave its variance head untrained."""
+        learns its variance (learn_sigma; diffusion.variance), 0 to leave its variance head untrained.
+        ``adapter`` (diffusion.adapters; default full) says what of the backbone trains: with any but
+        full the base weights are fixed, left out of checkpoints and recorded by their sha256."""
         super().__init__()
         if not 0 <= offset_noise < 1:
             raise ValueError(f"offset_noise={offset_noise}: must be in [0, 1) (sgm and the offset-noise recipe use "
                              "0.05-0.1; 0 turns it off)")
         self.offset_noise = float(offset_noise)
+        self.adapter = adapter or Full()
+        # The hash of the weights the adapter is trained on, taken before it changes the backbone.
+        self.base_weights_sha256 = None if self.adapter.trains_base else weights_sha256(backbone)
+        backbone = self.adapter.apply(backbone)
+        self._base_names = frozenset(() if self.adapter.trains_base else base_parameter_names(backbone))
         self.backbone = backbone
-        self.ema = EMA(backbone, ema_decay)
+        self.ema = EMA(backbone, ema_decay, trainable_only=not self.adapter.trains_base)
         self.objective: DiffusionObjective = make_objective(backbone, schedule, time_distribution or Uniform(),
                                                            weighting or NoWeighting(), vlb_weight)
         self.conditioner = conditioner or Unconditional()
@@ -274,7 +283,11 @@ class DiffusionModule(L.LightningModule):
         """The configured optimiser over the backbone, weight decay on its matrices only (see
         diffusion.training.optim), with the warm-up and decay of ``optim`` per optimiser step."""
         max_steps = self._trainer.max_steps if self._trainer is not None else None  # None outside a Trainer
-        optimizer = self.optim.optimizer(parameter_groups(self.backbone))
+        groups = parameter_groups(self.backbone)
+        if not any(group["params"] for group in groups):
+            raise ValueError(f"adapter={self.adapter.name} leaves no parameter of the backbone to train, and nothing "
+                             "else of this model trains; use adapter=full or adapter=lora")
+        optimizer = self.optim.optimizer(groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.lr_multiplier(max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -294,6 +307,7 @@ class DiffusionModule(L.LightningModule):
     def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
         """Refuse a checkpoint of another model: other trained weights (names or shapes), or other
         frozen encoders than it was trained with."""
+        check_adapter(self.adapter.name, self.base_weights_sha256, checkpoint.get("adapter"), source)
         check_state_fits(self.state_dict(), checkpoint["state_dict"], source)
         check_frozen_weights(self.frozen_weights(), checkpoint.get("frozen_weights"), source)
 
@@ -301,6 +315,8 @@ class DiffusionModule(L.LightningModule):
         self._losses.check(wait_for_all=True)  # never write weights a non-finite loss has updated
         checkpoint["run_config"] = self.run_config
         checkpoint["frozen_weights"] = self.frozen_weights()
+        if not self.adapter.trains_base:
+            checkpoint["adapter"] = {"name": self.adapter.name, "base_weights_sha256": self.base_weights_sha256}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Called with the checkpoint Lightning has loaded, before it applies the weights.
@@ -309,12 +325,20 @@ class DiffusionModule(L.LightningModule):
     def _frozen_prefixes(self, prefix: str = "") -> tuple[str, ...]:
         return tuple(f"{prefix}{name}." for name in self.frozen_parts())
 
+    def _base_keys(self, prefix: str = "") -> frozenset[str]:
+        """The state keys of the backbone's fixed base weights (an adapter's), in it and in its EMA copy."""
+        return frozenset(f"{prefix}{owner}.{name}" for owner in ("backbone", "ema.module") for name in self._base_names)
+
+    def _kept_out(self, prefix: str = "") -> Callable[[str], bool]:
+        frozen, base = self._frozen_prefixes(prefix), self._base_keys(prefix)
+        return lambda key: key.startswith(frozen) or key in base
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         state = super().state_dict(*args, **kwargs)
-        frozen = self._frozen_prefixes(kwargs.get("prefix", args[1] if len(args) > 1 else ""))
-        return type(state)((k, v) for k, v in state.items() if not k.startswith(frozen))
+        kept_out = self._kept_out(kwargs.get("prefix", args[1] if len(args) > 1 else ""))
+        return type(state)((k, v) for k, v in state.items() if not kept_out(k))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        frozen = self._frozen_prefixes()
-        own = {k: v for k, v in super().state_dict().items() if k.startswith(frozen)}
+        kept_out = self._kept_out()
+        own = {k: v for k, v in super().state_dict().items() if kept_out(k)}
         return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)

@@ -1,0 +1,206 @@
+"""What of the backbone trains (the ``adapter`` config group): everything (``full``), nothing
+(``frozen``; Textual Inversion trains an embedding alone) or LoRA layers through peft (``lora``).
+
+An adapter is applied to the freshly built backbone, before the EMA copy is made
+(diffusion.training.module.DiffusionModule). With any adapter but ``full`` the backbone's base
+weights are fixed: checkpoints leave them out and record their sha256 instead, which loading
+compares, so a LoRA is never applied to other weights than it was trained on.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: The linears LoRA adapts by default, per backbone class name: attention and MLP of our DiT (and of
+#: our UNet's transformer blocks), the attention projections of diffusers' UNet (as diffusers' LoRA
+#: scripts). Names match a module's full name or its dotted ending.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "DiT": ("attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj", "mlp.fc1", "mlp.fc2"),
+    "UNet": ("attn.qkv", "attn.proj", "attn1.qkv", "attn1.proj", "attn2.q", "attn2.kv", "attn2.proj"),
+    "DiffusersUNet": ("to_q", "to_k", "to_v", "to_out.0"),
+}
+#: What ``adaln=true`` adds: the linears that map the time/class embedding to adaLN's shift, scale, gate.
+ADALN_TARGETS: dict[str, tuple[str, ...]] = {"DiT": ("adaLN_modulation.1",)}
+
+
+class Adapter:
+    """Full fine-tuning; subclasses fix the base weights and say what trains instead."""
+
+    name = "full"
+    trains_base = True  # every backbone weight trains: checkpoints hold them all, as before adapters existed
+    base: str | None = None  # a checkpoint of this project whose EMA backbone is the base (build_module)
+
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        """The backbone to train (changed in place)."""
+        return backbone
+
+
+class Full(Adapter):
+    """Every weight of the backbone trains (today's behaviour, bit for bit)."""
+
+
+class Frozen(Adapter):
+    """No weight of the backbone trains; ``base``: as :class:`LoRA`'s."""
+
+    name = "frozen"
+    trains_base = False
+
+    def __init__(self, base: str | None = None) -> None:
+        self.base = base
+
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        return backbone.requires_grad_(False)
+
+
+@dataclass
+class LoRA(Adapter):
+    """``W x + (alpha / rank) B A x`` on the ``targets`` linears (peft's LoRA layers); only A and B train.
+
+    ``targets`` are module names or dotted endings of them (``to_q`` matches ``...attn1.to_q``); None
+    takes :data:`DEFAULT_TARGETS` of the backbone's class, and ``adaln`` adds :data:`ADALN_TARGETS`.
+    ``base``: a checkpoint of this project (a full training's, or convert.py's) whose EMA backbone
+    weights are the base; None: the backbone as built (released weights, or the run's seeded init).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: Sequence[str] | None = None
+    adaln: bool = False
+    base: str | None = None
+
+    name = "lora"
+    trains_base = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"adapter.rank={self.rank!r}: the LoRA rank must be an integer >= 1 (4-64 are usual)")
+        if not self.alpha > 0:
+            raise ValueError(f"adapter.alpha={self.alpha!r}: must be > 0 (the update is scaled by alpha / rank)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"adapter.dropout={self.dropout!r}: must lie in [0, 1)")
+        if isinstance(self.targets, str):
+            raise ValueError(f"adapter.targets={self.targets!r}: give a list of module names, e.g. '[to_q,to_v]'")
+
+    def target_names(self, backbone: nn.Module) -> list[str]:
+        """The full names of the modules LoRA wraps; a target that matches none is refused."""
+        kind = type(backbone).__name__
+        given = self.targets is not None  # the defaults cover variants (with or without cross-attention)
+        targets = list(self.targets) if given else list(DEFAULT_TARGETS.get(kind, ()))
+        if self.adaln:
+            if kind not in ADALN_TARGETS:
+                raise ValueError(f"adapter.adaln=true: {kind} has no adaLN linears known here; name them in "
+                                 "adapter.targets instead")
+            targets += ADALN_TARGETS[kind]
+        if not targets:
+            raise ValueError(f"adapter=lora has no default targets for backbone {kind}; set adapter.targets to "
+                             f"some of its linears: {_show(_linear_names(backbone))}")
+        names = [n for n, _ in backbone.named_modules() if n]
+        matched, unmatched = set(), []
+        for target in targets:
+            hits = [n for n in names if n == target or n.endswith(f".{target}")]
+            matched.update(hits)
+            if not hits:
+                unmatched.append(target)
+        if (unmatched and given) or not matched:
+            raise ValueError(f"adapter.targets {unmatched} match no module of {kind}; its linear modules are: "
+                             f"{_show(_linear_names(backbone))}")
+        return sorted(matched)
+
+    def peft_config(self, backbone: nn.Module):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=float(self.alpha), lora_dropout=float(self.dropout),
+                          target_modules=self.target_names(backbone), init_lora_weights=True)
+
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        from peft import inject_adapter_in_model
+
+        config = self.peft_config(backbone)
+        backbone.requires_grad_(False)
+        inject_adapter_in_model(config, backbone)
+        for name, param in backbone.named_parameters():
+            param.requires_grad_(".lora_" in name)
+        return backbone
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """The names of the layers peft's LoRA can wrap (linears and convolutions)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+
+
+def _show(names: list[str], limit: int = 40) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def base_parameter_names(backbone: nn.Module) -> list[str]:
+    """The backbone's parameters that do not train: its fixed base weights."""
+    return [n for n, p in backbone.named_parameters() if not p.requires_grad]
+
+
+def merged(backbone: nn.Module) -> nn.Module:
+    """A copy of ``backbone`` with its LoRA layers merged into their base weights (``W + (alpha / r) B A``)
+    and removed: the plain backbone, whose state_dict has the names of one built without an adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = copy.deepcopy(backbone)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``model`` in peft's saved layout (``...to_q.lora_A.weight``, adapter name dropped)."""
+    pattern = re.compile(r"\.(lora_[AB])\.default\.")
+    return {pattern.sub(r".\1.", k): v.detach().contiguous() for k, v in model.state_dict().items()
+            if pattern.search(k)}
+
+
+def save_diffusers_lora(backbone: nn.Module, adapter: LoRA, directory: str | Path) -> Path:
+    """``pytorch_lora_weights.safetensors`` of a LoRA-adapted DiffusersUNet in diffusers' layout, which
+    ``StableDiffusionPipeline.load_lora_weights`` loads; rank, alpha and targets go in its metadata, so
+    that diffusers scales by the real alpha / rank."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = getattr(backbone, "unet", None)
+    if type(backbone).__name__ != "DiffusersUNet" or unet is None:
+        raise ValueError(f"pytorch_lora_weights.safetensors is written for a diffusers UNet backbone "
+                         f"(backbone=sd15_unet, sd21_unet), not {type(backbone).__name__}")
+    state = lora_state_dict(unet)
+    if not state:
+        raise ValueError("the backbone carries no LoRA layers (adapter=lora)")
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    metadata: dict[str, Any] = {"r": adapter.rank, "lora_alpha": float(adapter.alpha), "target_modules": targets,
+                                "lora_dropout": float(adapter.dropout)}
+    directory = Path(directory)
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
+                                              safe_serialization=True)
+    return directory / "pytorch_lora_weights.safetensors"
+
+
+def load_base(backbone: nn.Module, adapter: Adapter, read_checkpoint) -> None:
+    """Load the EMA backbone weights of ``adapter.base`` (a checkpoint read by ``read_checkpoint``) into
+    ``backbone``: the weights the adapter is trained on. A checkpoint that holds no whole backbone (an
+    adapter's own) is refused."""
+    checkpoint = read_checkpoint(adapter.base)
+    if checkpoint.get("adapter") is not None:
+        raise ValueError(f"adapter.base={adapter.base} holds an adapter={checkpoint['adapter']['name']}, not whole "
+                         "weights; export.py merges a LoRA into its base: start from a full training's checkpoint")
+    prefix = "ema.module."
+    weights = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"adapter.base={adapter.base} holds another backbone than this run's: "
+                         f"{str(e).splitlines()[0]} (use the backbone options it was trained with)") from e
