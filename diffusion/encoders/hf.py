@@ -31,6 +31,9 @@ class HFTextEncoder(TextEncoder):
     of real tokens do not depend on `max_length`. Loaded in float32; `.to(dtype)` after if wanted.
     ``attention_mask=False`` runs the model without it, as Stable Diffusion 1.x's pipeline runs CLIP:
     the causal CLIP's real tokens are unchanged, its padding states are those SD's UNet was trained on.
+    ``layer="penultimate"``: the tokens are the states of the layer before the last, as they are (no
+    final layer norm), as SDXL takes both its CLIP encoders' (diffusers' ``hidden_states[-2]``); the
+    pooled vector stays the last layer's.
     """
 
     def __init__(
@@ -41,9 +44,11 @@ class HFTextEncoder(TextEncoder):
         tokenizer_subfolder: str | None = None,
         pooling: str = "auto",
         attention_mask: bool = True,
+        layer: str = "last",
     ) -> None:
         super().__init__()
         check_choice("pooling", pooling, POOLINGS)
+        self.layer = check_choice("layer", layer, ("last", "penultimate"))
         import transformers
 
         sub = {} if subfolder is None else {"subfolder": subfolder}
@@ -80,6 +85,8 @@ class HFTextEncoder(TextEncoder):
         found = super().fingerprint()
         if not self.attention_mask:  # only then: the fingerprints of earlier caches stay as they were
             found["attention_mask"] = "false"
+        if self.layer != "last":
+            found["layer"] = self.layer
         return found
 
     def _encode(self, prompts: list[str]) -> Conditioning:
@@ -89,8 +96,10 @@ class HFTextEncoder(TextEncoder):
         # Non-blocking: a blocking copy to an accelerator would wait for all the work queued there.
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.device, non_blocking=True).bool()  # (B, L), True = real token
-        out = self.model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None)
-        tokens: Tensor = out.last_hidden_state  # (B, L, D)
+        penultimate = self.layer == "penultimate"
+        out = self.model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None,
+                         output_hidden_states=penultimate)
+        tokens: Tensor = out.hidden_states[-2] if penultimate else out.last_hidden_state  # (B, L, D)
         if self.pooling == "none":
             pooled = None
         elif self.pooling == "clip":  # the projected embedding, else the EOS state
