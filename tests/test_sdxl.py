@@ -167,6 +167,13 @@ def test_the_encoder_pair_gives_the_sdxl_pipelines_prompt_embeddings(tmp_path):
     torch.testing.assert_close(got.tokens, torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1))
     torch.testing.assert_close(got.pooled, second.text_embeds)
     assert not torch.allclose(got.tokens[..., :32], first.last_hidden_state)
+    real = pipe.tokenizer(prompts, padding="max_length", max_length=64, return_tensors="pt").attention_mask.bool()
+    assert torch.equal(got.mask, real)
+    # Caption dropout and captionless images train on the zeros too (the conditioner's null).
+    from diffusion.conditioning import TextPrompts
+
+    cond = TextPrompts(encoder)({"caption": prompts, "has_caption": torch.tensor([True, False])})
+    assert torch.equal(cond.tokens[0], got.tokens[0]) and not cond.tokens[1].any() and not cond.pooled[1].any()
     assert encoder.fingerprint()["null_as"] == "zeros" and encoder.encoders[0].fingerprint()["layer"] == "penultimate"
     empty = _sdxl_encoder(root)
     empty.null_as = "empty_prompt"
