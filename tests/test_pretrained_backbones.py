@@ -128,8 +128,8 @@ def test_bad_sources_and_inputs_are_refused(tmp_path):
         DiffusersUNet(pretrained=str(tmp_path / "empty"), token_dim=WIDTH)
     sdxl = dict(TINY_SD_UNET, addition_embed_type="text_time", addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=16 + 6 * 8)
-    with pytest.raises(ValueError, match="added conditions.*text_time"):
-        DiffusersUNet(config=sdxl, token_dim=WIDTH)
+    with pytest.raises(ValueError, match="pooled text vector of width 16.*text_encoder=sdxl"):
+        DiffusersUNet(config=sdxl, token_dim=WIDTH)  # SDXL's UNet without its pooled vector (tests/test_sdxl.py)
     model = DiffusersUNet(config=TINY_SD_UNET, token_dim=WIDTH)
     x, t = torch.zeros(2, 4, 8, 8), torch.full((2,), 0.5)
     with pytest.raises(ValueError, match="needs cond.tokens"):

@@ -5,8 +5,16 @@ Time: SD was trained on the integer DDPM steps i = 0..N-1, which our DDPM puts a
 (diffusion.schedules.DDPM), so the UNet sees the timestep ``N t - 1``; it stays a float, so
 continuous-time samplers may ask between the steps. Condition: the text tokens go in as
 ``encoder_hidden_states``. SD 1.x/2.x cross-attend to every token, padding included, so the
-padding mask is not passed unless ``token_mask`` asks for it. Their UNets take no pooled vector
-and no class label; a model that needs SDXL's added conditions is refused for now.
+padding mask is not passed unless ``token_mask`` asks for it. SD 1.x/2.x UNets take no pooled
+vector and no class label.
+
+SDXL (``addition_embed_type="text_time"``) adds two inputs to the time embedding: ``text_embeds``,
+the pooled text vector (``cond.pooled``: OpenCLIP bigG's projected EOS state), and ``time_ids``, six
+numbers per sample, (original height, width, crop top, left, target height, width) in pixels, its
+size and crop micro-conditioning. They come from config, not from the data: ``time_ids`` null sizes
+are the image's size, latent size times ``pixels_per_latent`` (what the data pipeline trains on, and
+what diffusers' SDXL pipeline passes by default), crop (0, 0). The real original size and crop of
+each training image are not passed on by the data pipeline yet.
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ class DiffusersUNet(nn.Module):
             channels, the text encoder's widths); checked against the UNet's own config.
         token_mask: pass the tokens' padding mask as ``encoder_attention_mask`` (SD did not).
         gradient_checkpointing: recompute activations in backward (diffusers' own).
+        time_ids: SDXL's micro-conditioning, {original_size: [h, w] | null, crop_top_left: [top, left],
+            target_size: [h, w] | null}, in pixels; a null size is the image's (latents' size times
+            ``pixels_per_latent``). Only for a UNet with ``addition_embed_type="text_time"``.
+        pixels_per_latent: the autoencoder's downsampling factor (8 for SDXL's VAE).
     """
 
     def __init__(
@@ -51,6 +63,8 @@ class DiffusersUNet(nn.Module):
         num_classes: int | None = None,
         token_mask: bool = False,
         gradient_checkpointing: bool = False,
+        time_ids: Mapping[str, Any] | None = None,
+        pixels_per_latent: int = 8,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
@@ -75,21 +89,31 @@ class DiffusersUNet(nn.Module):
         self.in_channels = int(c.in_channels)
         self.out_channels = int(c.out_channels)
         self.token_dim = _cross_attention_dim(c.cross_attention_dim, self.name)
-        self.pooled_dim = None
         self.num_classes = None
         self.token_mask = token_mask
         self.downsample_factor = 2 ** (len(c.block_out_channels) - 1)
+        self.text_time = c.addition_embed_type == "text_time"
+        # SDXL's time embedding takes the pooled vector and 6 sinusoidal time ids, concatenated.
+        self.pooled_dim = (int(c.projection_class_embeddings_input_dim) - 6 * int(c.addition_time_embed_dim)
+                           if self.text_time else None)
         self._check_build(in_channels, token_dim, pooled_dim, num_classes)
+        self.micro = _micro_conditioning(time_ids, self.name) if self.text_time else None
+        if time_ids is not None and not self.text_time:
+            raise ValueError(f"{self.name} takes no time_ids (addition_embed_type={c.addition_embed_type!r}); "
+                             "time_ids is SDXL's micro-conditioning: leave it null for SD 1.x/2.x")
+        if pixels_per_latent < 1:
+            raise ValueError(f"DiffusersUNet: pixels_per_latent must be >= 1, got {pixels_per_latent}")
+        self.pixels_per_latent = int(pixels_per_latent)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
     def _check_build(self, in_channels: int | None, token_dim: int | None, pooled_dim: int | None,
                      num_classes: int | None) -> None:
         c = self.unet.config
-        if c.addition_embed_type is not None or c.class_embed_type is not None:
+        if c.addition_embed_type not in (None, "text_time") or c.class_embed_type is not None:
             raise ValueError(f"{self.name} needs added conditions (addition_embed_type={c.addition_embed_type!r}, "
-                             f"class_embed_type={c.class_embed_type!r}, e.g. SDXL's text_embeds and time_ids), which "
-                             "this wrapper does not pass yet; use an SD 1.x/2.x UNet")
+                             f"class_embed_type={c.class_embed_type!r}) which this wrapper does not pass; it "
+                             "takes SD 1.x/2.x UNets and SDXL's (addition_embed_type='text_time')")
         if self.out_channels != self.in_channels:
             raise ValueError(f"{self.name} takes {self.in_channels} channels and returns {self.out_channels} (an "
                              "inpainting or variance model?); a backbone's output has its input's shape")
@@ -106,7 +130,12 @@ class DiffusersUNet(nn.Module):
             raise ValueError(f"{self.name} cross-attends to tokens of width {self.token_dim} (cross_attention_dim), "
                              f"the text encoder gives width {token_dim}: use the text encoder the UNet was trained "
                              "with (CLIP ViT-L/14, 768, for SD 1.x; OpenCLIP ViT-H/14, 1024, for SD 2.x)")
-        if pooled_dim is not None:
+        if self.text_time and pooled_dim != self.pooled_dim:
+            raise ValueError(f"{self.name} takes a pooled text vector of width {self.pooled_dim} (SDXL's text_embeds: "
+                             "projection_class_embeddings_input_dim - 6 addition_time_embed_dim), the text encoder "
+                             f"gives {pooled_dim}: use SDXL's encoder pair (text_encoder=sdxl), whose pooled vector "
+                             "is the second encoder's projection")
+        if not self.text_time and pooled_dim is not None:
             raise ValueError(f"{self.name} takes no pooled text vector, but the text encoder gives one of width "
                              f"{pooled_dim}: build it without (text_encoder.pooling=none for a Hugging Face "
                              "encoder, text_encoder.pooled=false for OpenCLIP)")
@@ -135,17 +164,51 @@ class DiffusersUNet(nn.Module):
         if cond.tokens is None:
             raise ValueError(f"{self.name} needs cond.tokens (B, L, {self.token_dim}), the text encoder's tokens; "
                              "got none (the null condition is the empty prompt's encoding)")
-        for field in ("labels", "pooled"):
-            if getattr(cond, field) is not None:
-                raise ValueError(f"{self.name} takes no cond.{field}, but it was given")
+        if cond.labels is not None:
+            raise ValueError(f"{self.name} takes no cond.labels, but it was given")
+        if not self.text_time and cond.pooled is not None:
+            raise ValueError(f"{self.name} takes no cond.pooled, but it was given")
         if cond.tokens.shape[0] != x.shape[0] or cond.tokens.shape[-1] != self.token_dim:
             raise ValueError(f"{self.name} expects cond.tokens of shape ({x.shape[0]}, L, {self.token_dim}), got "
                              f"{tuple(cond.tokens.shape)}")
         dtype = self.unet.dtype
         mask = cond.mask if self.token_mask else None
+        added = None
+        if self.text_time:
+            if cond.pooled is None or cond.pooled.shape != (x.shape[0], self.pooled_dim):
+                got = None if cond.pooled is None else tuple(cond.pooled.shape)
+                raise ValueError(f"{self.name} needs cond.pooled of shape ({x.shape[0]}, {self.pooled_dim}), SDXL's "
+                                 f"text_embeds (the second text encoder's projection); got {got}")
+            added = {"text_embeds": cond.pooled.to(dtype), "time_ids": self.time_ids(x).to(dtype)}
         out = self.unet(x.to(dtype), self.timestep(t), encoder_hidden_states=cond.tokens.to(dtype),
-                        encoder_attention_mask=mask, return_dict=False)[0]
+                        encoder_attention_mask=mask, added_cond_kwargs=added, return_dict=False)[0]
         return out.to(x.dtype)
+
+    def time_ids(self, x: Tensor) -> Tensor:
+        """SDXL's (B, 6) time ids for latents x: (original h, w, crop top, left, target h, w), in pixels."""
+        image = [x.shape[-2] * self.pixels_per_latent, x.shape[-1] * self.pixels_per_latent]
+        micro = self.micro
+        row = [*(micro["original_size"] or image), *micro["crop_top_left"], *(micro["target_size"] or image)]
+        return torch.tensor(row, dtype=torch.float32, device=x.device).expand(x.shape[0], 6)
+
+
+def _micro_conditioning(time_ids: Mapping[str, Any] | None, name: str) -> dict[str, list[int] | None]:
+    """The checked time_ids config: original_size and target_size [h, w] or None, crop_top_left [top, left]."""
+    given = dict(_plain(time_ids)) if time_ids is not None else {}
+    keys = ("original_size", "crop_top_left", "target_size")
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise ValueError(f"{name}: time_ids takes {list(keys)}, got unknown keys {unknown}")
+    micro = {"original_size": given.get("original_size"), "crop_top_left": given.get("crop_top_left", [0, 0]),
+             "target_size": given.get("target_size")}
+    for key, value in micro.items():
+        if value is None and key != "crop_top_left":
+            continue
+        if value is None or len(value) != 2 or any(int(v) != v or v < 0 for v in value):
+            raise ValueError(f"{name}: time_ids.{key} must be two non-negative integers [h, w] (pixels)"
+                             f"{' or null (the image size)' if key != 'crop_top_left' else ''}, got {value!r}")
+        micro[key] = [int(v) for v in value]
+    return micro
 
 
 def _subfolder(pretrained: str, subfolder: str | None) -> str | None:

@@ -33,7 +33,8 @@ class HFTextEncoder(TextEncoder):
     ``attention_mask=False`` runs the model without it, as Stable Diffusion 1.x's pipeline runs CLIP:
     the causal CLIP's real tokens are unchanged, its padding states are those SD's UNet was trained on.
     ``layer="penultimate"`` gives the tokens of the second-to-last layer as they are (no final layer
-    norm), as SD3's pipeline reads its CLIPs; the pooled vector stays the last layer's.
+    norm, diffusers' ``hidden_states[-2]``), as SDXL and SD3 read their CLIPs; the pooled vector
+    stays the last layer's.
     """
 
     def __init__(
