@@ -57,11 +57,17 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         from diffusion.conditioning import Conditioning
         from tests.tiny_encoders import TINY_SD_UNET
 
-        width = TINY_SD_UNET["cross_attention_dim"]
-        tiny = OmegaConf.merge(node, {"pretrained": None, "config": TINY_SD_UNET})
-        model = instantiate(tiny, in_channels=4, token_dim=width)
+        config, width, pooled = TINY_SD_UNET, TINY_SD_UNET["cross_attention_dim"], {}
+        if node.get("time_ids") is not None:  # SDXL's added conditions: a tiny text_time UNet (tests/test_sdxl.py)
+            from tests.test_sdxl import POOLED, TINY_SDXL_UNET, WIDTH
+
+            config, width, pooled = TINY_SDXL_UNET, WIDTH, {"pooled_dim": POOLED}
+        tiny = OmegaConf.merge(node, {"pretrained": None, "config": config})
+        model = instantiate(tiny, in_channels=4, token_dim=width, **pooled)
         x = torch.zeros(2, 4, 32, 32)
-        assert model(x, torch.full((2,), 0.5), Conditioning(tokens=torch.zeros(2, 3, width))).shape == x.shape
+        cond = Conditioning(tokens=torch.zeros(2, 3, width),
+                            pooled=torch.zeros(2, pooled["pooled_dim"]) if pooled else None)
+        assert model(x, torch.full((2,), 0.5), cond).shape == x.shape
     elif group == "backbone":
         with torch.device("meta"):  # the paper's sizes, without their memory
             model = instantiate(node, in_channels=4)
@@ -123,7 +129,19 @@ def _with_tiny_released_parts(cfg, tmp_path):
     if cfg.backbone._target_.endswith(TARGETS):  # SD3 / FLUX: a tiny pipeline directory
         return with_tiny_pipeline_parts(cfg, tmp_path)
 
-    assert cfg.backbone.pretrained.startswith(("runwayml/", "stabilityai/")) and cfg.vae.pretrained.startswith("stabilityai/")
+    assert cfg.backbone.pretrained.startswith(("runwayml/", "stabilityai/"))
+    assert cfg.vae.pretrained.startswith(("stabilityai/", "madebyollin/"))  # SDXL's fp16-safe VAE
+    if cfg.backbone.get("time_ids") is not None:  # SDXL: a tiny pipeline directory, as tests/test_sdxl.py saves it
+        from tests.test_sdxl import _save_pipeline_encoders, tiny_sdxl_unet
+
+        root = _save_pipeline_encoders(tmp_path / "sdxl")
+        tiny_sdxl_unet().save_pretrained(root / "unet")
+        with open_dict(cfg):
+            cfg.backbone.pretrained = str(root)
+            cfg.vae.pretrained, cfg.vae.config = None, TINY_VAE_CONFIGS["sd"]
+            for encoder in cfg.text_encoder.encoders:
+                encoder.pretrained = str(root)
+        return cfg
     with open_dict(cfg):
         save_tiny_sd_unet(tmp_path / "unet")
         cfg.backbone.pretrained = str(tmp_path / "unet")

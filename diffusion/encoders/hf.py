@@ -99,8 +99,9 @@ class HFTextEncoder(TextEncoder):
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.device, non_blocking=True).bool()  # (B, L), True = real token
         penultimate = self.layer == "penultimate"
-        out = self.model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None,
-                         output_hidden_states=penultimate)
+        # The hidden states only when read: a model called without the flag returns none of them.
+        extra = {"output_hidden_states": True} if penultimate else {}
+        out = self.model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None, **extra)
         tokens: Tensor = out.hidden_states[-2] if penultimate else out.last_hidden_state  # (B, L, D)
         if self.pooling == "none":
             pooled = None
