@@ -29,7 +29,7 @@ from diffusion.schedules import FlowMatching
 from diffusion.timesteps import FluxShift
 from tests.conftest import CONF, FAST, compose_config
 from tests.make_captioned_folder import make_captioned_folder
-from tests.tiny_encoders import no_network, save_tiny_hf  # noqa: F401 - no_network: autouse
+from tests.tiny_encoders import no_network, save_tiny_hf, trained_weights  # noqa: F401 - no_network: autouse
 from tests.tiny_mmdit import (
     POOLED,
     TINY_FLUX,
@@ -323,10 +323,8 @@ def test_finetune_trains_from_the_saved_transformer(kind, tmp_path):
     metrics = cli.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(ckpt, weights_only=True)
-    assert checkpoint["global_step"] == 4
-    trained = {k.removeprefix("backbone.transformer."): v for k, v in checkpoint["state_dict"].items()
-               if k.startswith("backbone.transformer.")}
+    step, trained = trained_weights(ckpt, "backbone.transformer.")
+    assert step == 4
     start = theirs.state_dict()
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # the released weights moved

@@ -33,6 +33,7 @@ from tests.tiny_encoders import (  # noqa: F401 - no_network: any connection fai
     save_tiny_hf,
     save_tiny_sd_unet,
     tiny_sd_unet,
+    trained_weights,
 )
 
 WIDTH = TINY_SD_UNET["cross_attention_dim"]  # the tiny text encoders' token width
@@ -199,10 +200,8 @@ def test_finetune_sd15_trains_from_the_saved_unet(tmp_path):
     metrics = cli.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(ckpt, weights_only=True)
-    assert checkpoint["global_step"] == 4
-    trained = {k.removeprefix("backbone.unet."): v for k, v in checkpoint["state_dict"].items()
-               if k.startswith("backbone.unet.")}
+    step, trained = trained_weights(ckpt, "backbone.unet.")
+    assert step == 4
     start = unet.state_dict()
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # the released weights moved

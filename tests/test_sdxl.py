@@ -21,7 +21,7 @@ from diffusion.samplers import ClassifierFreeGuidance, euler, grids
 from diffusion.schedules import DDPM
 from tests.conftest import CONF, FAST, compose_config
 from tests.make_captioned_folder import make_captioned_folder
-from tests.tiny_encoders import TINY_SD_UNET, TINY_VAE_CONFIGS, no_network, save_tiny_hf  # noqa: F401
+from tests.tiny_encoders import TINY_SD_UNET, TINY_VAE_CONFIGS, no_network, save_tiny_hf, trained_weights  # noqa: F401
 
 # The two tiny CLIP encoders are 32 wide each (768 and 1280 in SDXL): the UNet cross-attends to 64;
 # the second's projection (16; 1280 in SDXL) and 6 time ids of 8 sinusoidal features each (256 in
@@ -240,10 +240,8 @@ def test_finetune_sdxl_trains_from_the_saved_parts(tmp_path):
     metrics = cli.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(ckpt, weights_only=True)
-    assert checkpoint["global_step"] == 4
-    trained = {k.removeprefix("backbone.unet."): v for k, v in checkpoint["state_dict"].items()
-               if k.startswith("backbone.unet.")}
+    step, trained = trained_weights(ckpt, "backbone.unet.")
+    assert step == 4
     start = unet.state_dict()
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in start if "add_embedding" in k)  # text_time trained

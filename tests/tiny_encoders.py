@@ -194,3 +194,13 @@ def group_config(group: str, option: str, run_dir: Path) -> Any:
     defaults = OmegaConf.load(Path(CONF) / "train.yaml").get("defaults", [])
     listed = any(isinstance(d, Mapping) and group in d for d in defaults)
     return compose_config("train", [f"{'' if listed else '+'}{group}={option}"], run_dir)[group]
+
+
+def trained_weights(ckpt, prefix: str) -> tuple[int, dict]:
+    """``(global step, the state under prefix)`` of a training checkpoint, keys without the prefix
+    (e.g. ``backbone.unet.``: the wrapped model's own names, to compare with its released weights)."""
+    import torch
+
+    checkpoint = torch.load(ckpt, weights_only=True)
+    state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    return checkpoint["global_step"], state

@@ -14,13 +14,12 @@ Neither pipeline passes a padding mask, so none is passed here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffusion.backbones.diffusers_unet import _plain
+from diffusion.backbones.diffusers_unet import _plain, _subfolder
 from diffusion.backbones.layers import check_input
 from diffusion.conditioning.types import Conditioning
 
@@ -41,7 +40,7 @@ class _DiffusersTransformer(nn.Module):
                              f"({model_class.__name__} arguments), got pretrained={pretrained!r} and "
                              f"config={'a dict' if config is not None else None}")
         if pretrained is not None:
-            sub = _subfolder(kind, pretrained, subfolder)
+            sub = _subfolder(kind, "transformer", pretrained, subfolder)
             self.transformer = model_class.from_pretrained(pretrained, torch_dtype=torch.float32,
                                                            **({"subfolder": sub} if sub else {}))
             self.source = pretrained if not sub else f"{pretrained}/{sub}"
@@ -224,14 +223,3 @@ def image_ids(height: int, width: int, device: torch.device | None = None) -> Te
     """FLUX's position ids of the packed patches: (H/2 * W/2, 3) rows (0, row, column)."""
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float().to(device)
-
-
-def _subfolder(kind: str, pretrained: str, subfolder: str | None) -> str | None:
-    """A local directory with the model's config at its top is read there; else ``subfolder``."""
-    path = Path(pretrained)
-    if path.is_dir() and (path / "config.json").is_file():
-        return None
-    if path.is_dir() and subfolder and not (path / subfolder / "config.json").is_file():
-        raise ValueError(f"{kind}: {pretrained} holds no transformer: neither {path / 'config.json'} nor "
-                         f"{path / subfolder / 'config.json'} exists; pass a transformer's or a pipeline's directory")
-    return subfolder

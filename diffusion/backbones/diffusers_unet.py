@@ -76,7 +76,7 @@ class DiffusersUNet(nn.Module):
         if num_train_steps < 1:
             raise ValueError(f"DiffusersUNet: num_train_steps must be >= 1, got {num_train_steps}")
         if pretrained is not None:
-            sub = _subfolder(pretrained, subfolder)
+            sub = _subfolder("DiffusersUNet", "UNet", pretrained, subfolder)
             self.unet = UNet2DConditionModel.from_pretrained(pretrained, torch_dtype=torch.float32,
                                                              **({"subfolder": sub} if sub else {}))
             self.source = pretrained if not sub else f"{pretrained}/{sub}"
@@ -211,14 +211,15 @@ def _micro_conditioning(time_ids: Mapping[str, Any] | None, name: str) -> dict[s
     return micro
 
 
-def _subfolder(pretrained: str, subfolder: str | None) -> str | None:
-    """A local directory with the UNet's config at its top is read there; else ``subfolder``."""
+def _subfolder(owner: str, model: str, pretrained: str, subfolder: str | None) -> str | None:
+    """A local directory with the ``model``'s config at its top is read there; else ``subfolder``
+    (a pipeline's layout). ``owner`` names the wrapper in the refusal."""
     path = Path(pretrained)
     if path.is_dir() and (path / "config.json").is_file():
         return None
     if path.is_dir() and subfolder and not (path / subfolder / "config.json").is_file():
-        raise ValueError(f"DiffusersUNet: {pretrained} holds no UNet: neither {path / 'config.json'} nor "
-                         f"{path / subfolder / 'config.json'} exists; pass a UNet's or a pipeline's directory")
+        raise ValueError(f"{owner}: {pretrained} holds no {model}: neither {path / 'config.json'} nor "
+                         f"{path / subfolder / 'config.json'} exists; pass a {model}'s or a pipeline's directory")
     return subfolder
 
 
