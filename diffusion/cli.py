@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from diffusion.conditioning.micro import MICRO_KEYS
 from diffusion.data.cache import CachedDataModule, check_cache_dtype, write_cache
 from diffusion.data.classes import write_class_names
 from diffusion.loggers import resume_at
@@ -247,7 +248,8 @@ def cache(cfg: DictConfig) -> Path:
         with tqdm(total=len(dataset), desc=f"cache {split}", unit="img", dynamic_ncols=True) as bar:
             def encode(batch: dict[str, Any]) -> dict[str, Tensor]:
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                encoded = {"latent": model.latents(batch), **model.conditioner.cache(batch)}
+                encoded = {"latent": model.latents(batch), **model.conditioner.cache(batch),
+                           **{k: batch[k] for k in MICRO_KEYS if k in batch}}  # SDXL's image sizes
                 bar.update(len(encoded["latent"]))
                 return {k: v.cpu() for k, v in encoded.items()}
 

@@ -257,3 +257,73 @@ def test_the_sdxl_configs_name_the_released_weights():
     text = OmegaConf.load(Path(CONF) / "text_encoder" / "sdxl.yaml")
     assert [e.subfolder for e in text.encoders] == ["text_encoder", "text_encoder_2"]
     assert [e.layer for e in text.encoders] == ["penultimate", "penultimate"] and text.pooled_from == 1
+
+
+# --- each training image's size and crop (micro-conditioning), as diffusers' SDXL script ----------
+def test_each_image_gives_its_original_size_and_crop_as_diffusers_sdxl_script_computes_them(tmp_path):
+    """The crop offset is that of the resized image, of the flipped one when flipped (diffusers flips,
+    then crops): checked by cropping the flipped resized file with PIL at the reported offset."""
+    from PIL import Image, ImageOps
+
+    from diffusion.data.captions import ImageCaptionDataset
+    from diffusion.data.images import RESAMPLE
+
+    folder = make_captioned_folder(tmp_path / "images", n=6, sizes=[(90, 40), (40, 70)], layout="csv")
+    data = ImageCaptionDataset(folder, resolution=32, crop="random", hflip=True, seed=3)
+    flips = set()
+    for item in (data[i] for i in range(len(data))):
+        with Image.open(item["path"]) as img:
+            w, h = img.size
+            rgb = img.convert("RGB")
+        assert item["original_size"].tolist() == [h, w] and item["target_size"].tolist() == [32, 32]
+        top, left = item["crop_top_left"].tolist()
+        scale = max(32 / w, 32 / h)
+        resized = rgb.resize((max(32, round(w * scale)), max(32, round(h * scale))), RESAMPLE)
+        expected = {}
+        for flipped, picture in ((False, resized), (True, ImageOps.mirror(resized))):
+            crop = torch.from_numpy(__import__("numpy").array(picture.crop((left, top, left + 32, top + 32))))
+            expected[flipped] = crop.permute(2, 0, 1).float().div(127.5).sub(1)
+        match = [f for f, e in expected.items() if torch.allclose(item["image"], e, atol=1e-6)]
+        assert match, "the reported crop offset does not give the item's pixels"
+        flips.update(match)
+    assert flips == {False, True}  # both cases were checked
+
+
+def test_the_training_step_gives_the_unet_each_images_time_ids_also_when_the_caption_is_dropped(tmp_path):
+    from diffusion.conditioning.micro import with_time_ids
+    from diffusion.training.module import DiffusionModule
+
+    class Prompts(torch.nn.Module):  # a stand-in conditioner: fixed tokens and pooled vectors
+        takes = "prompts"
+
+        def forward(self, batch):
+            return Conditioning(tokens=torch.ones(len(batch["caption"]), 3, WIDTH),
+                                pooled=torch.ones(len(batch["caption"]), POOLED))
+
+        def null(self, n, device):
+            return Conditioning(tokens=torch.zeros(n, 3, WIDTH), pooled=torch.zeros(n, POOLED))
+
+    unet = _ours(tiny_sdxl_unet(seed=3))
+    module = DiffusionModule(unet, DDPM(prediction="eps"), conditioner=Prompts(), cond_dropout=1.0)
+    seen = []
+    unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("cond", args[-1])), with_kwargs=True)
+    batch = {"image": torch.zeros(2, 4, 8, 8), "caption": ["a", "b"],
+             "original_size": torch.tensor([[300, 200], [64, 96]]), "crop_top_left": torch.tensor([[0, 10], [4, 0]]),
+             "target_size": torch.tensor([[64, 64], [64, 64]])}
+    module.training_step(batch, 0)
+    (cond,) = seen
+    assert torch.equal(cond.tokens, torch.zeros(2, 3, WIDTH))  # every caption dropped (p = 1) ...
+    assert torch.equal(cond.time_ids, torch.tensor([[300, 200, 0, 10, 64, 64], [64, 96, 4, 0, 64, 64]]))  # ... not sizes
+    # They reach diffusers' UNet as its time_ids; a backbone that takes none never gets them.
+    x, t = _randn(2, 4, 8, 8, seed=5), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        theirs = unet.unet(x, unet.timestep(t), encoder_hidden_states=cond.tokens,
+                           added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids.float()}).sample
+        assert torch.equal(unet(x, t, cond), theirs)
+    sd = DiffusersUNet(config=TINY_SD_UNET, token_dim=32)
+    plain = Conditioning(tokens=torch.zeros(2, 3, 32))
+    assert with_time_ids(plain, batch, sd) is plain
+    with pytest.raises(ValueError, match="takes no cond.time_ids"):
+        sd(torch.zeros(2, 4, 8, 8), t, plain.replace(time_ids=cond.time_ids))
+    with pytest.raises(ValueError, match="time_ids must be int64 of shape \\(B, 6\\)"):
+        Conditioning(time_ids=torch.zeros(2, 6))

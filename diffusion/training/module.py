@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from diffusion.adapters import Adapter, Full, base_parameter_names
 from diffusion.conditioning import Conditioner, Unconditional, drop_condition
+from diffusion.conditioning.micro import with_time_ids
 from diffusion.data.batching import batches_processed, check_split_over_processes
 from diffusion.frozen import FrozenModule, weights_sha256
 from diffusion.objective import DiffusionObjective
@@ -178,6 +179,7 @@ class DiffusionModule(L.LightningModule):
                             offset_noise=self.offset_noise)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
                               drop=draws.drop)
+        cond = with_time_ids(cond, batch, self.backbone)  # SDXL's image sizes: kept when the caption is dropped
         out = self.objective(partial(self.model(self.backbone), cond=cond), x0, t=draws.t, noise=draws.noise)
         # The global batch's loss: logged as one process would, and non-finite on every process if on one.
         loss = self._mean_over_processes(out.loss.detach())
@@ -224,7 +226,7 @@ class DiffusionModule(L.LightningModule):
     # --- validation: fixed times and fixed noise ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x0 = self.latents(batch)
-        cond = self.conditioner(batch)
+        cond = with_time_ids(self.conditioner(batch), batch, self.backbone)
         # Noise keyed to each sample's place in the global validation batch, not to the run's seed:
         # the same for every run and every number of processes, so validation losses compare.
         noise = self._draws(x0, key=(VALIDATION_KEY, batch_idx), drop_probability=0.0).noise
