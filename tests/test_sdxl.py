@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from diffusion import cli
 from diffusion.backbones import DiffusersUNet
 from diffusion.conditioning import Conditioning
-from diffusion.encoders import ConcatTextEncoders, HFTextEncoder
+from diffusion.encoders import HFTextEncoder, JointTextEncoder
 from diffusion.samplers import ClassifierFreeGuidance, euler, grids
 from diffusion.schedules import DDPM
 from tests.conftest import CONF, FAST, compose_config
@@ -64,11 +64,12 @@ def _save_pipeline_encoders(root: Path) -> Path:
     return root
 
 
-def _sdxl_encoder(root: Path, max_length: int = 64) -> ConcatTextEncoders:
+def _sdxl_encoder(root: Path, max_length: int = 64) -> JointTextEncoder:
     """text_encoder=sdxl as its config file says, from root."""
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONF) / "text_encoder" / "sdxl.yaml"))
-    for part in cfg["encoders"]:
-        part.update(pretrained=str(root), max_length=max_length)
+    cfg = OmegaConf.load(Path(CONF) / "text_encoder" / "sdxl.yaml")
+    cfg.pretrained = str(root)
+    for part in cfg.encoders.values():
+        part.max_length = max_length
     from hydra.utils import instantiate
 
     return instantiate(cfg, _convert_="all")
@@ -174,7 +175,7 @@ def test_the_encoder_pair_gives_the_sdxl_pipelines_prompt_embeddings(tmp_path):
 
     cond = TextPrompts(encoder)({"caption": prompts, "has_caption": torch.tensor([True, False])})
     assert torch.equal(cond.tokens[0], got.tokens[0]) and not cond.tokens[1].any() and not cond.pooled[1].any()
-    assert encoder.fingerprint()["null_as"] == "zeros" and encoder.encoders[0].fingerprint()["layer"] == "penultimate"
+    assert encoder.fingerprint()["null_as"] == "zeros" and encoder.encoders["clip_l"].fingerprint()["layer"] == "penultimate"
     empty = _sdxl_encoder(root)
     empty.null_as = "empty_prompt"
     torch.testing.assert_close(empty.null_condition(1).tokens, encoder([""]).tokens)
@@ -184,14 +185,12 @@ def test_a_bad_encoder_pair_is_refused(tmp_path):
     root = _save_pipeline_encoders(tmp_path / "sdxl")
     one = HFTextEncoder(str(root), subfolder="text_encoder", tokenizer_subfolder="tokenizer", max_length=16, pooling="none")
     two = HFTextEncoder(str(root), subfolder="text_encoder_2", tokenizer_subfolder="tokenizer_2", max_length=20)
-    with pytest.raises(ValueError, match="two or more encoders"):
-        ConcatTextEncoders([one])
-    with pytest.raises(ValueError, match="max_length differ \\(\\[16, 20\\]\\)"):
-        ConcatTextEncoders([one, two])
-    with pytest.raises(ValueError, match="encoder 0 \\(pooled_from\\) gives no pooled vector"):
-        ConcatTextEncoders([one, one], pooled_from=0)
+    with pytest.raises(ValueError, match="must give the same length, got \\{'one': 16, 'two': 20\\}"):
+        JointTextEncoder({"one": one, "two": two}, tokens=[["one", "two"]])
+    with pytest.raises(ValueError, match="encoder 'one' gives no pooled vector"):
+        JointTextEncoder({"one": one}, tokens=[["one"]], pooled=["one"])
     with pytest.raises(ValueError, match="null_as='nothing' is not supported"):
-        ConcatTextEncoders([one, one], pooled_from=None, null_as="nothing")
+        JointTextEncoder({"one": one}, tokens=[["one"]], null_as="nothing")
     with pytest.raises(ValueError, match="layer='middle' is not supported"):
         HFTextEncoder(str(root), subfolder="text_encoder", tokenizer_subfolder="tokenizer", layer="middle")
 
@@ -231,7 +230,7 @@ def test_finetune_sdxl_trains_from_the_saved_parts(tmp_path):
     fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
     cfg = compose_config("train", [
         *fast, "experiment=finetune_sdxl", f"backbone.pretrained={root}", "vae=tiny_sd",
-        f"text_encoder.encoders.0.pretrained={root}", f"text_encoder.encoders.1.pretrained={root}",
+        f"text_encoder.pretrained={root}",
         f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
         "data.module.num_workers=0", "model.optim.optimizer.lr=1e-3",
     ], tmp_path / "run")
@@ -255,8 +254,8 @@ def test_the_sdxl_configs_name_the_released_weights():
     unet = OmegaConf.load(Path(CONF) / "backbone" / "sdxl_unet.yaml")
     assert unet.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     text = OmegaConf.load(Path(CONF) / "text_encoder" / "sdxl.yaml")
-    assert [e.subfolder for e in text.encoders] == ["text_encoder", "text_encoder_2"]
-    assert [e.layer for e in text.encoders] == ["penultimate", "penultimate"] and text.pooled_from == 1
+    assert [e.subfolder for e in text.encoders.values()] == ["text_encoder", "text_encoder_2"]
+    assert [e.layer for e in text.encoders.values()] == ["penultimate", "penultimate"] and text.pooled == ["clip_g"]
 
 
 # --- each training image's size and crop (micro-conditioning), as diffusers' SDXL script ----------

@@ -139,8 +139,7 @@ def _with_tiny_released_parts(cfg, tmp_path):
         with open_dict(cfg):
             cfg.backbone.pretrained = str(root)
             cfg.vae.pretrained, cfg.vae.config = None, TINY_VAE_CONFIGS["sd"]
-            for encoder in cfg.text_encoder.encoders:
-                encoder.pretrained = str(root)
+            cfg.text_encoder.pretrained = str(root)
         return cfg
     with open_dict(cfg):
         save_tiny_sd_unet(tmp_path / "unet")
