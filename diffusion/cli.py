@@ -337,11 +337,13 @@ def export(cfg: DictConfig) -> Path:
     """The EMA weights of a checkpoint as ``ema.safetensors``, beside the resolved ``config.yaml``
     that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``).
 
-    A LoRA is merged into its base weights there (and config.yaml says adapter=full); a LoRA of a
-    diffusers UNet is also written as diffusers' ``pytorch_lora_weights.safetensors``."""
+    A LoRA is merged into its base weights there (and config.yaml says adapter=full). A wrapped
+    diffusers model (SD's UNet, SD3's or FLUX's transformer) is also written as diffusers saves it,
+    ``unet/`` or ``transformer/`` (``from_pretrained`` reads it; the LoRA merged), and its LoRA as
+    diffusers' ``pytorch_lora_weights.safetensors`` (the pipeline's ``load_lora_weights`` reads it)."""
     from safetensors.torch import save_file
 
-    from diffusion.adapters import LoRA, merged, save_diffusers_lora
+    from diffusion.adapters import LoRA, diffusers_model, merged, save_diffusers_lora
 
     path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path)
@@ -349,11 +351,15 @@ def export(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     backbone, config, written = model.ema.module, dict(model.run_config), ["ema.safetensors", "config.yaml"]
     if isinstance(model.adapter, LoRA):
-        if type(backbone).__name__ == "DiffusersUNet":
+        if diffusers_model(backbone) is not None:
             written.append(save_diffusers_lora(backbone, model.adapter, out).name)
         backbone, config["adapter"] = merged(backbone), {"_target_": "diffusion.adapters.Full"}
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     save_file(weights, out / "ema.safetensors", metadata={"source": str(path)})
+    if (wrapped := diffusers_model(backbone)) is not None:
+        name, diffusers_module = wrapped
+        diffusers_module.save_pretrained(out / name, safe_serialization=True)
+        written.append(f"{name}/")
     OmegaConf.save(OmegaConf.create(config), out / "config.yaml")
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     return out
