@@ -123,9 +123,13 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run)
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("cache_dir"):
+        check_cacheable(cfg)
     datamodule = None if cfg.get("cache_dir") else instantiate(cfg.data.module)  # a missing folder: refused here
     model = build_module(cfg)
     model.run_config = resolved
+    if hasattr(datamodule, "check_class_images"):  # DreamBooth: a class folder of another base is refused here
+        datamodule.check_class_images(model)
     if datamodule is None:  # read the shards instead of running the encoders
         datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model),
                                       num_workers=cfg.data.module.get("num_workers", 0), seed=cfg.seed)
@@ -213,6 +217,16 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: i
     return global_batch_size // shares
 
 
+def check_cacheable(cfg: DictConfig) -> None:
+    """Refuse cache_dir for a data module that says why it cannot train from a cache (``cache_refusal``)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "data.module._target_", default=None)
+    refusal = getattr(get_class(target), "cache_refusal", None) if target else None
+    if refusal:
+        raise ValueError(refusal)
+
+
 def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]:
     """What a cache of this configuration depends on: the encoders (their weights' hashes), the
     data and its transforms, and the dtype it is stored in; not the batch size or the loader's workers."""
@@ -235,6 +249,7 @@ def cache(cfg: DictConfig) -> Path:
 
     if not cfg.get("cache_dir"):
         raise ValueError("pass cache_dir=PATH: where the cache is written (and later read by train.py cache_dir=PATH)")
+    check_cacheable(cfg)
     device = resolve_device(cfg.get("cache_device", "auto"), key="cache_device")
     model = build_module(cfg).eval().to(device)
     datamodule = instantiate(cfg.data.module)
