@@ -128,8 +128,6 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     datamodule = None if cfg.get("cache_dir") else instantiate(cfg.data.module)  # a missing folder: refused here
     model = build_module(cfg)
     model.run_config = resolved
-    if hasattr(datamodule, "check_class_images"):  # DreamBooth: a class folder of another base is refused here
-        datamodule.check_class_images(model)
     if datamodule is None:  # read the shards instead of running the encoders
         datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model),
                                       num_workers=cfg.data.module.get("num_workers", 0), seed=cfg.seed)
@@ -158,6 +156,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
         if converted:  # it holds no optimiser or loop state that Lightning could resume
             initial, ckpt_path = checkpoint["state_dict"], None
         del checkpoint
+    if hasattr(datamodule, "check_class_images"):  # DreamBooth: a class folder of another base is refused here,
+        datamodule.check_class_images(model, check=initial is None)  # or with converted start weights in fit
 
     # From here on the run directory is written to.
     if trainer.is_global_zero:

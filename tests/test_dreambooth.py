@@ -161,29 +161,31 @@ def _overrides(parts, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(parts):
-    """A LoRA run that generates the class images, then a full fine-tune of the same base that reuses them."""
+    """A LoRA run that generates the class images, then a full fine-tune of the same base that reuses
+    them, then the LoRA run resumed to one more step."""
     counts = {}
+    lora = ["adapter=lora", "adapter.rank=2"]
     with pytest.MonkeyPatch.context() as mp:
         counter = SampleCounter(mp)
-        for name, adapter in (("lora", "adapter=lora"), ("full", "adapter=full")):
+        for name, extra, run in (("lora", lora, "lora"), ("full", ["adapter=full"], "full"),
+                                 ("resumed", [*lora, "ckpt_path=last", "trainer.max_steps=3"], "lora")):
             before = counter.images
-            cli.train(compose_config("train", _overrides(parts, adapter, "adapter.rank=2" if name == "lora"
-                                                          else "model.ema_decay=0.5"), parts["root"] / name))
+            cli.train(compose_config("train", _overrides(parts, *extra), parts["root"] / run))
             counts[name] = counter.images - before
     return counts
 
 
 def test_class_images_are_generated_once_by_the_base_and_reused(parts, runs):
-    assert runs == {"lora": 3, "full": 0}  # the full fine-tune of the same base sampled none
+    assert runs == {"lora": 3, "full": 0, "resumed": 0}  # the full fine-tune of the same base and the resume: none
     class_dir = parts["class_dir"]
     assert sorted(p.name for p in class_dir.glob("*.png")) == [f"class_{i:05d}.png" for i in range(3)]
     record = json.loads((class_dir / RECORD).read_text())
     assert record["prompt"] == CLASS_PROMPT and record["sampler"] == "ddim" and record["steps"] == 2
     assert record["cfg_scale"] == 7.5 and record["image_shape"] == [3, 64, 64] and len(record["base_weights_sha256"]) == 64
     assert set(record["frozen_weights"]) == {"autoencoder", "conditioner.encoder"}
-    for name, prefix in (("lora", ".lora_"), ("full", "backbone.unet.")):
+    for name, prefix, step in (("lora", ".lora_", 3), ("full", "backbone.unet.", 2)):
         checkpoint = torch.load(parts["root"] / name / "checkpoints" / "last.ckpt", weights_only=True)
-        assert checkpoint["global_step"] == 2
+        assert checkpoint["global_step"] == step
         assert any(prefix in k for k in checkpoint["state_dict"])
 
 

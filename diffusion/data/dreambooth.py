@@ -304,11 +304,12 @@ class DreamBoothDataModule(SplitDataModule):
     def _generation(self) -> dict[str, Any]:
         return {k: v for k, v in self.generation.items() if k != "batch_size"}
 
-    def check_class_images(self, module: DiffusionModule) -> None:
-        """Refuse a class folder of another base or prompt now, before a run writes anything; the
-        module is remembered as the one that generates."""
+    def check_class_images(self, module: DiffusionModule, check: bool = True) -> None:
+        """Remember ``module`` as the one that generates, and (``check``) refuse a class folder of
+        another base or prompt now, before a run writes anything. ``check=False`` where the module's
+        start weights are loaded later (a converted checkpoint): ``prepare_data`` checks then."""
         self._module = module
-        if self.prior_preservation:
+        if self.prior_preservation and check:
             check_class_dir(self.class_dir, class_image_record(module, self.class_prompt, **self._generation()))
 
     def prepare_data(self) -> None:
