@@ -287,7 +287,8 @@ class DreamBoothDataModule(SplitDataModule):
         generation.setdefault("seed", seed)
         self.instance_dir, self.instance_prompt = Path(instance_dir), instance_prompt
         self.resolution, self.batch_size = resolution, batch_size
-        self.prior_preservation, self.class_prompt, self.num_class_images = bool(prior_preservation), class_prompt, num_class_images
+        self.prior_preservation, self.class_prompt = bool(prior_preservation), class_prompt
+        self.num_class_images = num_class_images
         self.class_dir = Path(class_dir) if class_dir is not None else None
         self.prior_loss_weight, self.generation = float(prior_loss_weight), generation
         self.crop, self.hflip = check_choice("crop", crop, CROPS), hflip
