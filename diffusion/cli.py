@@ -124,6 +124,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run)
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("cache_dir"):
+        check_cacheable(cfg)
     datamodule = None if cfg.get("cache_dir") else instantiate(cfg.data.module)  # a missing folder: refused here
     model = build_module(cfg)
     model.run_config = resolved
@@ -155,6 +157,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
         if converted:  # it holds no optimiser or loop state that Lightning could resume
             initial, ckpt_path = checkpoint["state_dict"], None
         del checkpoint
+    if hasattr(datamodule, "check_class_images"):  # DreamBooth: a class folder of another base is refused here,
+        datamodule.check_class_images(model, check=initial is None)  # or with converted start weights in fit
 
     # From here on the run directory is written to.
     if trainer.is_global_zero:
@@ -214,6 +218,16 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: i
     return global_batch_size // shares
 
 
+def check_cacheable(cfg: DictConfig) -> None:
+    """Refuse cache_dir for a data module that says why it cannot train from a cache (``cache_refusal``)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "data.module._target_", default=None)
+    refusal = getattr(get_class(target), "cache_refusal", None) if target else None
+    if refusal:
+        raise ValueError(refusal)
+
+
 def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]:
     """What a cache of this configuration depends on: the encoders (their weights' hashes), the
     data and its transforms, and the dtype it is stored in; not the batch size or the loader's workers."""
@@ -236,6 +250,7 @@ def cache(cfg: DictConfig) -> Path:
 
     if not cfg.get("cache_dir"):
         raise ValueError("pass cache_dir=PATH: where the cache is written (and later read by train.py cache_dir=PATH)")
+    check_cacheable(cfg)
     device = resolve_device(cfg.get("cache_device", "auto"), key="cache_device")
     model = build_module(cfg).eval().to(device)
     datamodule = instantiate(cfg.data.module)

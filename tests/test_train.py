@@ -36,6 +36,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
     if option == "image_classes":
         extra = [f"data.module.root={make_class_folder(tmp_path / 'classes', classes=3)}", "data.num_classes=3",
                  "data.module.batch_size=2"]
+    if option == "dreambooth":  # prior preservation would need the base model's class images first
+        extra = [f"data.module.instance_dir={make_captioned_folder(tmp_path / 'images')}",
+                 "data.module.instance_prompt=a photo of sks dog", "data.module.prior_preservation=false"]
     if option in ("text", "t2i_tiny"):
         extra.append("text_encoder=openclip_tiny")
     if option == "t2i_tiny" or option.startswith("finetune_"):

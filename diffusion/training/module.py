@@ -54,6 +54,16 @@ def _takes(function: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
+def weighted_loss(per_sample: Tensor, loss_weight: Tensor) -> Tensor:
+    """``mean_i(loss_weight_i * per_sample_i)``: the batch's per-sample weights applied as given, not
+    renormalised, so a data module chooses the formula (DreamBooth's weights make it
+    ``mean(instance) + prior_loss_weight * mean(class)``). Batches without weights keep the plain mean."""
+    if loss_weight.shape != per_sample.shape:
+        raise ValueError(f"batch['loss_weight'] has shape {tuple(loss_weight.shape)}, expected one weight per sample "
+                         f"{tuple(per_sample.shape)}")
+    return (loss_weight.to(per_sample) * per_sample).mean()
+
+
 VALIDATION_KEY = -1  # keys the validation noise apart from any training draw
 
 
@@ -181,6 +191,8 @@ class DiffusionModule(L.LightningModule):
                               drop=draws.drop)
         cond = with_time_ids(cond, batch, self.backbone)  # SDXL's image sizes: kept when the caption is dropped
         out = self.objective(partial(self.model(self.backbone), cond=cond), x0, t=draws.t, noise=draws.noise)
+        if batch.get("loss_weight") is not None:  # e.g. DreamBooth's prior preservation (diffusion.data.dreambooth)
+            out.loss = weighted_loss(out.per_sample, batch["loss_weight"])
         # The global batch's loss: logged as one process would, and non-finite on every process if on one.
         loss = self._mean_over_processes(out.loss.detach())
         self._losses.record(loss, self.global_step)
