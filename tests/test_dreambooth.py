@@ -224,3 +224,39 @@ def test_cache_dir_is_refused_with_the_reason(parts, tmp_path):
         cli.train(compose_config("train", _overrides(parts, f"cache_dir={tmp_path / 'cache'}"), tmp_path / "r"))
     with pytest.raises(ValueError, match="does not train from cache_dir"):
         cli.cache(compose_config("train", _overrides(parts, f"cache_dir={tmp_path / 'cache'}"), tmp_path / "r"))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_dreambooth_lora_runs_on_each_wrapped_family(family, tmp_path):
+    """data=dreambooth adapter=lora with finetune_sdxl / sd3 / flux on tiny saved parts: the base makes
+    its class images (with its own sampler and guidance), then a step trains on both halves."""
+    from tests.tiny_mmdit import overrides as mmdit_overrides, save_pipeline_parts
+
+    root = tmp_path / "model"
+    if family == "sdxl":
+        from tests.test_sdxl import _save_pipeline_encoders, tiny_sdxl_unet
+
+        _save_pipeline_encoders(root)
+        tiny_sdxl_unet().save_pretrained(root / "unet")
+        parts = [f"backbone.pretrained={root}", "vae=tiny_sd", f"text_encoder.pretrained={root}"]
+    else:
+        save_pipeline_parts(root, family)
+        parts = mmdit_overrides(root, family)
+    instance = make_captioned_folder(tmp_path / "instance", n=2, sizes=[(64, 64)], layout="txt")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size", "model.sampling.num_images"))]
+    cfg = compose_config("train", [
+        *fast, "trainer.max_steps=1", "trainer.limit_val_batches=0", f"experiment=finetune_{family}",
+        "data=dreambooth", *parts, f"data.module.instance_dir={instance}",
+        "data.module.instance_prompt=a photo of sks dog", f"data.module.class_prompt={CLASS_PROMPT}",
+        f"data.module.class_dir={tmp_path / 'class_images'}", "data.module.num_class_images=2",
+        "data.module.class_images.steps=1", "data.module.resolution=64", "data.module.num_workers=0",
+        "data.module.batch_size=1", "model.sampling.num_images=2", "~callbacks.sample_grids",
+        "adapter=lora", "adapter.rank=2",
+    ], tmp_path / "run")
+    metrics = cli.train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert len(list((tmp_path / "class_images").glob("class_*.png"))) == 2
+    record = json.loads((tmp_path / "class_images" / RECORD).read_text())
+    assert record["steps"] == 1 and record["cfg_scale"] == cfg.model.sampling.cfg_scale
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(".lora_" in k for k in state) and not any("base_layer" in k for k in state)  # the LoRA alone
