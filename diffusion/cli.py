@@ -126,6 +126,7 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     datamodule = None if cfg.get("cache_dir") else instantiate(cfg.data.module)  # a missing folder: refused here
     model = build_module(cfg)
     model.run_config = resolved
+    check_cacheable(cfg, model)
     if datamodule is None:  # read the shards instead of running the encoders
         datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model),
                                       num_workers=cfg.data.module.get("num_workers", 0), seed=cfg.seed)
@@ -172,6 +173,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
         model.load_state_dict(initial)
         del initial
     trainer.fit(model, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:  # e.g. Textual Inversion's learned_embeds.safetensors, in the run directory
+        model.adapter.write_outputs(model, run)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -213,6 +216,14 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: i
     return global_batch_size // shares
 
 
+def check_cacheable(cfg: DictConfig, model: DiffusionModule) -> None:
+    """Refuse ``cache_dir`` when the adapter trains what a cache would fix (Textual Inversion's token rows)."""
+    if cfg.get("cache_dir") and not model.adapter.conditions_fixed:
+        raise ValueError(f"cache_dir={cfg.cache_dir}: adapter={model.adapter.name} trains the text encoder's new "
+                         "token embeddings, so the text embeddings of a caption change every step and cannot be read "
+                         "from a cache; leave cache_dir out (the captions are then encoded each step)")
+
+
 def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]:
     """What a cache of this configuration depends on: the encoders (their weights' hashes), the
     data and its transforms, and the dtype it is stored in; not the batch size or the loader's workers."""
@@ -237,6 +248,7 @@ def cache(cfg: DictConfig) -> Path:
         raise ValueError("pass cache_dir=PATH: where the cache is written (and later read by train.py cache_dir=PATH)")
     device = resolve_device(cfg.get("cache_device", "auto"), key="cache_device")
     model = build_module(cfg).eval().to(device)
+    check_cacheable(cfg, model)
     datamodule = instantiate(cfg.data.module)
     fingerprint = cache_fingerprint(cfg, model)
 
@@ -336,7 +348,8 @@ def export(cfg: DictConfig) -> Path:
     that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``).
 
     A LoRA is merged into its base weights there (and config.yaml says adapter=full); a LoRA of a
-    diffusers UNet is also written as diffusers' ``pytorch_lora_weights.safetensors``."""
+    diffusers UNet is also written as diffusers' ``pytorch_lora_weights.safetensors``. An adapter's own
+    files are written beside them (Textual Inversion: ``learned_embeds.safetensors``)."""
     from safetensors.torch import save_file
 
     from diffusion.adapters import LoRA, merged, save_diffusers_lora
@@ -350,6 +363,7 @@ def export(cfg: DictConfig) -> Path:
         if type(backbone).__name__ == "DiffusersUNet":
             written.append(save_diffusers_lora(backbone, model.adapter, out).name)
         backbone, config["adapter"] = merged(backbone), {"_target_": "diffusion.adapters.Full"}
+    written += [p.name for p in model.adapter.write_outputs(model, out)]
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     save_file(weights, out / "ema.safetensors", metadata={"source": str(path)})
     OmegaConf.save(OmegaConf.create(config), out / "config.yaml")
