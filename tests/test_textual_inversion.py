@@ -326,3 +326,23 @@ def test_a_cache_of_the_text_embeddings_is_refused_from_the_command_line(ti_runs
     cfg = compose_config("train", [*overrides, f"cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
     with pytest.raises(ValueError, match="cannot be read from a cache"):
         cli.cache(cfg)
+
+
+# --- the configs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("experiment,parent", [("textual_inversion_sd15", "finetune_sd15"),
+                                               ("textual_inversion_sdxl", "finetune_sdxl")])
+def test_the_recipes_are_their_fine_tunes_with_the_adapter(experiment, parent, tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf.errors import MissingMandatoryValue
+
+    cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
+    base = compose_config("train", [f"experiment={parent}"], tmp_path)
+    assert cfg.backbone == base.backbone and cfg.text_encoder == base.text_encoder and cfg.vae == base.vae
+    assert cfg.adapter._target_ == "diffusion.textual_inversion.TextualInversion"
+    assert cfg.model.optim.optimizer.lr == 2e-3 and cfg.model.optim.decay == "constant"
+    with pytest.raises(MissingMandatoryValue, match="adapter.placeholder_token"):  # it must be given
+        instantiate(cfg.adapter)
+    given = compose_config("train", [f"experiment={experiment}", f"adapter.placeholder_token='{TOKEN}'",
+                                     "adapter.initializer_token=toy"], tmp_path)
+    assert given.model.sampling.prompts[0] == f"a photo of a {TOKEN}"
+    assert instantiate(given.adapter).tokens == [TOKEN]
