@@ -55,6 +55,20 @@ class Adapter:
         """The backbone to train (changed in place)."""
         return backbone
 
+    # What an adapter may train outside the backbone (Textual Inversion: new token rows of the conditioner).
+    conditions_fixed = True  # a caption's encoding never changes in training, so it may be cached (cache_dir)
+
+    def attach(self, conditioner: nn.Module) -> None:
+        """Called by DiffusionModule with its conditioner: an adapter that trains a part of it adds it here."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups of what the adapter trains outside the backbone."""
+        return []
+
+    def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
+        """Files of what was trained, in another program's layout, at the end of training and by export.py."""
+        return []
+
 
 class Full(Adapter):
     """Every weight of the backbone trains (today's behaviour, bit for bit)."""

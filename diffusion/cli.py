@@ -125,10 +125,11 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("cache_dir"):
-        check_cacheable(cfg)
+        check_data_cacheable(cfg)
     datamodule = None if cfg.get("cache_dir") else instantiate(cfg.data.module)  # a missing folder: refused here
     model = build_module(cfg)
     model.run_config = resolved
+    check_adapter_cacheable(cfg, model)
     if datamodule is None:  # read the shards instead of running the encoders
         datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model),
                                       num_workers=cfg.data.module.get("num_workers", 0), seed=cfg.seed)
@@ -177,6 +178,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
         model.load_state_dict(initial)
         del initial
     trainer.fit(model, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:  # e.g. Textual Inversion's learned_embeds.safetensors, in the run directory
+        model.adapter.write_outputs(model, run)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -218,7 +221,7 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: i
     return global_batch_size // shares
 
 
-def check_cacheable(cfg: DictConfig) -> None:
+def check_data_cacheable(cfg: DictConfig) -> None:
     """Refuse cache_dir for a data module that says why it cannot train from a cache (``cache_refusal``)."""
     from hydra.utils import get_class
 
@@ -226,6 +229,14 @@ def check_cacheable(cfg: DictConfig) -> None:
     refusal = getattr(get_class(target), "cache_refusal", None) if target else None
     if refusal:
         raise ValueError(refusal)
+
+
+def check_adapter_cacheable(cfg: DictConfig, model: DiffusionModule) -> None:
+    """Refuse ``cache_dir`` when the adapter trains what a cache would fix (Textual Inversion's token rows)."""
+    if cfg.get("cache_dir") and not model.adapter.conditions_fixed:
+        raise ValueError(f"cache_dir={cfg.cache_dir}: adapter={model.adapter.name} trains the text encoder's new "
+                         "token embeddings, so the text embeddings of a caption change every step and cannot be read "
+                         "from a cache; leave cache_dir out (the captions are then encoded each step)")
 
 
 def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]:
@@ -250,9 +261,10 @@ def cache(cfg: DictConfig) -> Path:
 
     if not cfg.get("cache_dir"):
         raise ValueError("pass cache_dir=PATH: where the cache is written (and later read by train.py cache_dir=PATH)")
-    check_cacheable(cfg)
+    check_data_cacheable(cfg)
     device = resolve_device(cfg.get("cache_device", "auto"), key="cache_device")
     model = build_module(cfg).eval().to(device)
+    check_adapter_cacheable(cfg, model)
     datamodule = instantiate(cfg.data.module)
     fingerprint = cache_fingerprint(cfg, model)
 
@@ -355,7 +367,8 @@ def export(cfg: DictConfig) -> Path:
     A LoRA is merged into its base weights there (and config.yaml says adapter=full). A wrapped
     diffusers model (SD's UNet, SD3's or FLUX's transformer) is also written as diffusers saves it,
     ``unet/`` or ``transformer/`` (``from_pretrained`` reads it; the LoRA merged), and its LoRA as
-    diffusers' ``pytorch_lora_weights.safetensors`` (the pipeline's ``load_lora_weights`` reads it)."""
+    diffusers' ``pytorch_lora_weights.safetensors`` (the pipeline's ``load_lora_weights`` reads it).
+    An adapter's own files are written beside them (Textual Inversion: ``learned_embeds.safetensors``)."""
     from safetensors.torch import save_file
 
     from diffusion.adapters import LoRA, diffusers_model, merged, save_diffusers_lora
@@ -369,6 +382,7 @@ def export(cfg: DictConfig) -> Path:
         if diffusers_model(backbone) is not None:
             written.append(save_diffusers_lora(backbone, model.adapter, out).name)
         backbone, config["adapter"] = merged(backbone), {"_target_": "diffusion.adapters.Full"}
+    written += [p.name for p in model.adapter.write_outputs(model, out)]
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     save_file(weights, out / "ema.safetensors", metadata={"source": str(path)})
     if (wrapped := diffusers_model(backbone)) is not None:

@@ -116,6 +116,7 @@ class DiffusionModule(L.LightningModule):
         self.objective: DiffusionObjective = make_objective(backbone, schedule, time_distribution or Uniform(),
                                                            weighting or NoWeighting(), vlb_weight)
         self.conditioner = conditioner or Unconditional()
+        self.adapter.attach(self.conditioner)  # Textual Inversion adds its tokens and trainable rows here
         self.autoencoder = autoencoder
         self.cond_dropout = cond_dropout
         self.optim = optim or OptimConfig()
@@ -297,7 +298,7 @@ class DiffusionModule(L.LightningModule):
         """The configured optimiser over the backbone, weight decay on its matrices only (see
         diffusion.training.optim), with the warm-up and decay of ``optim`` per optimiser step."""
         max_steps = self._trainer.max_steps if self._trainer is not None else None  # None outside a Trainer
-        groups = parameter_groups(self.backbone)
+        groups = parameter_groups(self.backbone) + self.adapter.parameter_groups()
         if not any(group["params"] for group in groups):
             raise ValueError(f"adapter={self.adapter.name} leaves no parameter of the backbone to train, and nothing "
                              "else of this model trains; use adapter=full or adapter=lora")
