@@ -214,7 +214,7 @@ def test_an_sdxl_pipeline_loads_the_rows_of_both_encoders(tmp_path):
     encoder = _sdxl_encoder(root, max_length=64)
     adapter = TextualInversion(TOKEN, "cat")
     module = _module(encoder, adapter, width=64)
-    assert set(module.conditioner.textual_inversion.rows) == {"encoders__0", "encoders__1"}
+    assert set(module.conditioner.textual_inversion.rows) == {"encoders__clip_l", "encoders__clip_g"}
     _randomise(adapter)
     first, second = save_learned_embeds(adapter, tmp_path / "out")
     assert (first.name, second.name) == ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
