@@ -252,6 +252,9 @@ def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]
             "image_shape": list(model.image_shape), "dtype": dtype}
 
 
+CACHE_KEYS = {"train": -2, "val": -3}  # key the cache's posterior draws apart from training's
+
+
 def cache(cfg: DictConfig) -> Path:
     """Encode the configured data once (latents and conditions) into ``cfg.cache_dir/{train,val}``, on
     ``cache_device`` (auto: the GPU when there is one), in batches of data.module.batch_size."""
@@ -275,7 +278,12 @@ def cache(cfg: DictConfig) -> Path:
         with tqdm(total=len(dataset), desc=f"cache {split}", unit="img", dynamic_ncols=True) as bar:
             def encode(batch: dict[str, Any]) -> dict[str, Tensor]:
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                encoded = {"latent": model.latents(batch), **model.conditioner.cache(batch),
+                # A posterior draw is keyed to the sample's index: a cache resumed after a kill holds the
+                # latents an uninterrupted pass would have written.
+                index = batch["index"].tolist() if "index" in batch else None
+                key = (cfg.seed, CACHE_KEYS[split]) if index is not None else None
+                latent = model.latents(batch, key, positions=index)
+                encoded = {"latent": latent, **model.conditioner.cache(batch),
                            **{k: batch[k] for k in MICRO_KEYS if k in batch}}  # SDXL's image sizes
                 bar.update(len(encoded["latent"]))
                 return {k: v.cpu() for k, v in encoded.items()}

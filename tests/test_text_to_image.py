@@ -95,3 +95,18 @@ def test_an_fsdp2_checkpoint_of_a_latent_text_model_leaves_out_the_encoders_and_
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert not [k for k in state if k.startswith(("autoencoder.", "conditioner."))]
     assert cli.load_module(ckpt).sample(2, ["a red circle", "a blue square"], steps=2).shape == (2, 3, 32, 32)
+
+
+def test_a_cache_of_posterior_draws_is_the_same_whatever_the_global_rng(train_config, tmp_path):
+    """vae.sample_posterior=true: each latent is drawn from a generator keyed to (seed, split, the
+    sample's index), so a cache written again (or resumed after a kill) holds the same bytes."""
+    overrides = [o for o in _overrides(tmp_path) if not o.startswith("cache_dir")] + ["+vae.sample_posterior=true"]
+    shards = []
+    for n, rng in enumerate((1, 2)):
+        torch.manual_seed(rng)
+        cli.cache(train_config(*overrides, f"cache_dir={tmp_path / f'cache{n}'}", run_dir=tmp_path / f"run{n}"))
+        shards.append({p.name: p.read_bytes() for p in (tmp_path / f"cache{n}" / "train").glob("shard_*.bin")})
+    assert shards[0] and shards[0] == shards[1]
+    mode = train_config(*overrides[:-1], f"cache_dir={tmp_path / 'mode'}", run_dir=tmp_path / "mode_run")
+    cli.cache(mode)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mode" / "train").glob("shard_*.bin")} != shards[0]

@@ -150,10 +150,12 @@ class DiffusionModule(L.LightningModule):
     def num_classes(self) -> int | None:
         return getattr(self.conditioner, "num_classes", None)
 
-    def latents(self, batch: dict[str, Any], key: tuple[int, ...] | None = None) -> Tensor:
+    def latents(self, batch: dict[str, Any], key: tuple[int, ...] | None = None,
+                positions: Sequence[int] | None = None) -> Tensor:
         """x0 of the diffusion: cached latents, or the batch's images through the autoencoder. An
         autoencoder that draws from its posterior (SD's fine-tunes) draws each sample's noise from
-        ``key`` and its place in the global batch, as the step's other draws (randomness.py)."""
+        ``key`` and the sample's position (default: its place in the global batch, as the step's other
+        draws, randomness.py; cache.py passes dataset indices)."""
         if "latent" in batch:
             return batch["latent"]
         images = batch["image"]
@@ -165,8 +167,9 @@ class DiffusionModule(L.LightningModule):
         shape = (ae.latent_channels, images.shape[-2] // ae.downsample_factor, images.shape[-1] // ae.downsample_factor)
         if self._generator is None or self._generator.device != images.device:
             self._generator = torch.Generator(device=images.device)
-        noise = keyed_normal(shape, key=key, first_position=self.global_rank * images.shape[0], count=images.shape[0],
-                             generator=self._generator)
+        first = self.global_rank * images.shape[0]
+        positions = range(first, first + images.shape[0]) if positions is None else positions
+        noise = keyed_normal(shape, key=key, positions=positions, generator=self._generator)
         return ae.encode(images, noise=noise)
 
     def configure_model(self) -> None:

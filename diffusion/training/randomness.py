@@ -10,6 +10,7 @@ A resumed run draws what an uninterrupted one would have, with no generator stat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,12 @@ def draw_step(
 POSTERIOR_STREAM = 0x5AE
 
 
-def keyed_normal(shape: tuple[int, ...], *, key: tuple[int, ...], first_position: int, count: int,
+def keyed_normal(shape: tuple[int, ...], *, key: tuple[int, ...], positions: Sequence[int],
                  generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(count, *shape) standard normal draws, sample i's from a generator seeded with (key, stream,
-    first_position + i): like :func:`draw_step`'s, independent of the processes and of a resume."""
+    """(len(positions), *shape) standard normal draws, sample i's from a generator seeded with (key,
+    stream, positions[i]): like :func:`draw_step`'s, independent of the processes and of a resume."""
     out = []
-    for position in range(first_position, first_position + count):
+    for position in positions:
         generator.manual_seed(sample_seed(*key, POSTERIOR_STREAM, position))
         out.append(torch.randn(shape, generator=generator, device=generator.device, dtype=dtype))
     return torch.stack(out)
