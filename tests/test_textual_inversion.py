@@ -346,3 +346,42 @@ def test_the_recipes_are_their_fine_tunes_with_the_adapter(experiment, parent, t
                                      "adapter.initializer_token=toy"], tmp_path)
     assert given.model.sampling.prompts[0] == f"a photo of a {TOKEN}"
     assert instantiate(given.adapter).tokens == [TOKEN]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_textual_inversion_runs_on_each_wrapped_family(family, tmp_path):
+    """finetune_sdxl / sd3 / flux with adapter=textual_inversion on tiny saved parts: a step trains the
+    rows of every text encoder (SDXL's two CLIPs, SD3's CLIPs and T5, FLUX's CLIP and T5), the run writes
+    a learned_embeds file per encoder, and it samples with the placeholder in the prompt."""
+    from tests.tiny_mmdit import TEXT_PARTS, overrides as mmdit_overrides, save_pipeline_parts
+
+    root = tmp_path / "model"
+    if family == "sdxl":
+        from tests.test_sdxl import _save_pipeline_encoders, tiny_sdxl_unet
+
+        _save_pipeline_encoders(root)
+        tiny_sdxl_unet().save_pretrained(root / "unet")
+        parts, encoders = [f"backbone.pretrained={root}", "vae=tiny_sd", f"text_encoder.pretrained={root}"], 2
+    else:
+        save_pipeline_parts(root, family)
+        parts, encoders = mmdit_overrides(root, family), len(TEXT_PARTS[family])
+    images = make_captioned_folder(tmp_path / "images", n=2, sizes=[(64, 64)], layout="txt")
+    for caption in images.rglob("*.txt"):
+        caption.write_text(f"a photo of a {TOKEN}")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size", "model.sampling.num_images"))]
+    cfg = compose_config("train", [
+        *fast, "trainer.max_steps=1", "trainer.limit_val_batches=0", f"experiment=finetune_{family}", *parts,
+        "adapter=textual_inversion", f"adapter.placeholder_token='{TOKEN}'", "adapter.initializer_token=cat",
+        f"data.module.root={images}", "data.module.resolution=64", "data.module.num_workers=0",
+        "data.module.batch_size=2", "model.sampling.num_images=2", "~callbacks.sample_grids",
+        "model.optim.optimizer.lr=1e-1",
+    ], tmp_path / "run")
+    cli.train(cfg)
+    written = sorted(p.name for p in (tmp_path / "run").glob("learned_embeds*.safetensors"))
+    assert written == ["learned_embeds.safetensors", *[f"learned_embeds_{i}.safetensors" for i in range(2, encoders + 1)]]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    rows = {k: v for k, v in state.items() if k.startswith("conditioner.textual_inversion.")}
+    assert len(rows) == encoders and not any(k.startswith("backbone.") and "weight" in k for k in state)
+    model = cli.load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    out = model.sample(2, [f"a {TOKEN} on the beach", "a cat"], steps=1)
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
