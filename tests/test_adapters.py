@@ -296,22 +296,9 @@ def test_a_stable_diffusion_lora_fine_tune_exports_diffusers_files(tmp_path):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from tests.make_captioned_folder import make_captioned_folder
+    from tests.tiny_families import lora_finetune_and_export, tiny_family
 
-    save_tiny_sd_unet(tmp_path / "unet", seed=1)
-    clip = save_tiny_hf("clip_text", tmp_path / "clip")
-    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
-    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
-    cfg = compose_config("train", [
-        *fast, "trainer.max_steps=2", "experiment=finetune_sd15", f"backbone.pretrained={tmp_path / 'unet'}",
-        "vae=tiny_sd", f"text_encoder.pretrained={clip}", "text_encoder.max_length=16",
-        f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
-        "data.module.num_workers=0", "model.optim.optimizer.lr=1e-2", "adapter=lora", "adapter.rank=2",
-        "adapter.alpha=1", "model.ema_decay=0.5",
-    ], tmp_path / "run")
-    cli.train(cfg)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    out = cli.export(compose_config("export", [f"ckpt={ckpt}", f"out={tmp_path / 'export'}"], tmp_path))
+    ckpt, out = lora_finetune_and_export("sd15", tiny_family("sd15", tmp_path), tmp_path)
     model = cli.load_module(ckpt)
     x, t, cond = _unet_inputs()
     steps = model.ema.module.timestep(t)

@@ -230,29 +230,16 @@ def test_cache_dir_is_refused_with_the_reason(parts, tmp_path):
 def test_dreambooth_lora_runs_on_each_wrapped_family(family, tmp_path):
     """data=dreambooth adapter=lora with finetune_sdxl / sd3 / flux on tiny saved parts: the base makes
     its class images (with its own sampler and guidance), then a step trains on both halves."""
-    from tests.tiny_mmdit import overrides as mmdit_overrides, save_pipeline_parts
+    from tests.tiny_families import finetune_overrides, tiny_family
 
-    root = tmp_path / "model"
-    if family == "sdxl":
-        from tests.test_sdxl import _save_pipeline_encoders, tiny_sdxl_unet
-
-        _save_pipeline_encoders(root)
-        tiny_sdxl_unet().save_pretrained(root / "unet")
-        parts = [f"backbone.pretrained={root}", "vae=tiny_sd", f"text_encoder.pretrained={root}"]
-    else:
-        save_pipeline_parts(root, family)
-        parts = mmdit_overrides(root, family)
+    parts = tiny_family(family, tmp_path / "model")
     instance = make_captioned_folder(tmp_path / "instance", n=2, sizes=[(64, 64)], layout="txt")
-    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size", "model.sampling.num_images"))]
-    cfg = compose_config("train", [
-        *fast, "trainer.max_steps=1", "trainer.limit_val_batches=0", f"experiment=finetune_{family}",
-        "data=dreambooth", *parts, f"data.module.instance_dir={instance}",
-        "data.module.instance_prompt=a photo of sks dog", f"data.module.class_prompt={CLASS_PROMPT}",
-        f"data.module.class_dir={tmp_path / 'class_images'}", "data.module.num_class_images=2",
-        "data.module.class_images.steps=1", "data.module.resolution=64", "data.module.num_workers=0",
-        "data.module.batch_size=1", "model.sampling.num_images=2", "~callbacks.sample_grids",
-        "adapter=lora", "adapter.rank=2",
-    ], tmp_path / "run")
+    cfg = compose_config("train", finetune_overrides(
+        family, parts, "trainer.max_steps=1", "trainer.limit_val_batches=0", "data=dreambooth",
+        f"data.module.instance_dir={instance}", "data.module.instance_prompt=a photo of sks dog",
+        f"data.module.class_prompt={CLASS_PROMPT}", f"data.module.class_dir={tmp_path / 'class_images'}",
+        "data.module.num_class_images=2", "data.module.class_images.steps=1", "data.module.batch_size=1",
+        "~callbacks.sample_grids", "adapter=lora", "adapter.rank=2"), tmp_path / "run")
     metrics = cli.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert len(list((tmp_path / "class_images").glob("class_*.png"))) == 2

@@ -356,19 +356,10 @@ def test_a_lora_fine_tune_exports_what_diffusers_loads(kind, tmp_path):
     LoRA merged, which from_pretrained reads: both give our model's output."""
     from diffusion.adapters import DEFAULT_TARGETS
 
+    from tests.tiny_families import lora_finetune_and_export, tiny_family
+
     root = tmp_path / "model"
-    save_pipeline_parts(root, kind)
-    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
-    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
-    cfg = compose_config("train", [
-        *fast, "trainer.max_steps=2", f"experiment=finetune_{kind}", *overrides(root, kind),
-        f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
-        "data.module.num_workers=0", "model.optim.optimizer.lr=1e-2", "adapter=lora", "adapter.rank=2",
-        "adapter.alpha=1", "model.ema_decay=0.5",
-    ], tmp_path / "run")
-    cli.train(cfg)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    out = cli.export(compose_config("export", [f"ckpt={ckpt}", f"out={tmp_path / 'export'}"], tmp_path))
+    ckpt, out = lora_finetune_and_export(kind, tiny_family(kind, root), tmp_path)
     model = cli.load_module(ckpt)
     wrapped = model.ema.module.transformer
     targets = {n.rsplit(".", 1)[-1] for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
@@ -377,7 +368,7 @@ def test_a_lora_fine_tune_exports_what_diffusers_loads(kind, tmp_path):
 
     cls = SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel
     widths = dict(in_channels=16, token_dim=64 if kind == "sd3" else WIDTH, pooled_dim=2 * POOLED,
-                  **({"guidance": cfg.backbone.guidance} if kind == "flux" else {}))
+                  **({"guidance": model.ema.module.guidance} if kind == "flux" else {}))
     x = _randn(2, 16, 8, 8, seed=8)
     cond = Conditioning(tokens=_randn(2, 5, widths["token_dim"], seed=9), pooled=_randn(2, 2 * POOLED, seed=10))
     t = torch.tensor([0.3, 0.7])

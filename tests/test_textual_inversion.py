@@ -353,29 +353,16 @@ def test_textual_inversion_runs_on_each_wrapped_family(family, tmp_path):
     """finetune_sdxl / sd3 / flux with adapter=textual_inversion on tiny saved parts: a step trains the
     rows of every text encoder (SDXL's two CLIPs, SD3's CLIPs and T5, FLUX's CLIP and T5), the run writes
     a learned_embeds file per encoder, and it samples with the placeholder in the prompt."""
-    from tests.tiny_mmdit import TEXT_PARTS, overrides as mmdit_overrides, save_pipeline_parts
+    from tests.tiny_families import finetune_overrides, tiny_family
 
-    root = tmp_path / "model"
-    if family == "sdxl":
-        from tests.test_sdxl import _save_pipeline_encoders, tiny_sdxl_unet
-
-        _save_pipeline_encoders(root)
-        tiny_sdxl_unet().save_pretrained(root / "unet")
-        parts, encoders = [f"backbone.pretrained={root}", "vae=tiny_sd", f"text_encoder.pretrained={root}"], 2
-    else:
-        save_pipeline_parts(root, family)
-        parts, encoders = mmdit_overrides(root, family), len(TEXT_PARTS[family])
+    parts, encoders = tiny_family(family, tmp_path / "model"), {"sdxl": 2, "sd3": 3, "flux": 2}[family]
     images = make_captioned_folder(tmp_path / "images", n=2, sizes=[(64, 64)], layout="txt")
     for caption in images.rglob("*.txt"):
         caption.write_text(f"a photo of a {TOKEN}")
-    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size", "model.sampling.num_images"))]
-    cfg = compose_config("train", [
-        *fast, "trainer.max_steps=1", "trainer.limit_val_batches=0", f"experiment=finetune_{family}", *parts,
-        "adapter=textual_inversion", f"adapter.placeholder_token='{TOKEN}'", "adapter.initializer_token=cat",
-        f"data.module.root={images}", "data.module.resolution=64", "data.module.num_workers=0",
-        "data.module.batch_size=2", "model.sampling.num_images=2", "~callbacks.sample_grids",
-        "model.optim.optimizer.lr=1e-1",
-    ], tmp_path / "run")
+    cfg = compose_config("train", finetune_overrides(
+        family, parts, "trainer.max_steps=1", "trainer.limit_val_batches=0", "adapter=textual_inversion",
+        f"adapter.placeholder_token='{TOKEN}'", "adapter.initializer_token=cat", f"data.module.root={images}",
+        "~callbacks.sample_grids", "model.optim.optimizer.lr=1e-1"), tmp_path / "run")
     cli.train(cfg)
     written = sorted(p.name for p in (tmp_path / "run").glob("learned_embeds*.safetensors"))
     assert written == ["learned_embeds.safetensors", *[f"learned_embeds_{i}.safetensors" for i in range(2, encoders + 1)]]
