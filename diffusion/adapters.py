@@ -26,6 +26,19 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "DiT": ("attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj", "mlp.fc1", "mlp.fc2"),
     "UNet": ("attn.qkv", "attn.proj", "attn1.qkv", "attn1.proj", "attn2.q", "attn2.kv", "attn2.proj"),
     "DiffusersUNet": ("to_q", "to_k", "to_v", "to_out.0"),
+    # diffusers' SD3 and FLUX LoRA scripts: both streams' attention projections (FLUX: and its MLPs).
+    "SD3Transformer": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                       "attn.add_v_proj", "attn.to_add_out"),
+    "FluxTransformer": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                        "ff_context.net.2"),
+}
+#: The wrapped diffusers models: backbone class -> (its diffusers model's attribute, the pipeline whose
+#: save_lora_weights writes that model's LoRA, the keyword of its layers there).
+DIFFUSERS_MODELS: dict[str, tuple[str, str, str]] = {
+    "DiffusersUNet": ("unet", "StableDiffusionPipeline", "unet"),
+    "SD3Transformer": ("transformer", "StableDiffusion3Pipeline", "transformer"),
+    "FluxTransformer": ("transformer", "FluxPipeline", "transformer"),
 }
 #: What ``adaln=true`` adds: the linears that map the time/class embedding to adaLN's shift, scale, gate.
 ADALN_TARGETS: dict[str, tuple[str, ...]] = {"DiT": ("adaLN_modulation.1",)}
@@ -41,6 +54,20 @@ class Adapter:
     def apply(self, backbone: nn.Module) -> nn.Module:
         """The backbone to train (changed in place)."""
         return backbone
+
+    # What an adapter may train outside the backbone (Textual Inversion: new token rows of the conditioner).
+    conditions_fixed = True  # a caption's encoding never changes in training, so it may be cached (cache_dir)
+
+    def attach(self, conditioner: nn.Module) -> None:
+        """Called by DiffusionModule with its conditioner: an adapter that trains a part of it adds it here."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups of what the adapter trains outside the backbone."""
+        return []
+
+    def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
+        """Files of what was trained, in another program's layout, at the end of training and by export.py."""
+        return []
 
 
 class Full(Adapter):
@@ -167,22 +194,33 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if pattern.search(k)}
 
 
-def save_diffusers_lora(backbone: nn.Module, adapter: LoRA, directory: str | Path) -> Path:
-    """``pytorch_lora_weights.safetensors`` of a LoRA-adapted DiffusersUNet in diffusers' layout, which
-    ``StableDiffusionPipeline.load_lora_weights`` loads; rank, alpha and targets go in its metadata, so
-    that diffusers scales by the real alpha / rank."""
-    from diffusers import StableDiffusionPipeline
+def diffusers_model(backbone: nn.Module) -> tuple[str, nn.Module] | None:
+    """(subfolder name, model) of a wrapped diffusers model (``unet``, ``transformer``); None for ours."""
+    known = DIFFUSERS_MODELS.get(type(backbone).__name__)
+    return None if known is None else (known[0], getattr(backbone, known[0]))
 
-    unet = _diffusers_unet(backbone, "pytorch_lora_weights.safetensors")
-    state = lora_state_dict(unet)
+
+def save_diffusers_lora(backbone: nn.Module, adapter: LoRA, directory: str | Path) -> Path:
+    """``pytorch_lora_weights.safetensors`` of a LoRA-adapted wrapped diffusers model (SD 1.x/2.x/XL's
+    UNet, SD3's or FLUX's transformer) in diffusers' layout, which the pipeline's ``load_lora_weights``
+    loads; rank, alpha and targets go in its metadata, so that diffusers scales by the real alpha / rank."""
+    import diffusers
+
+    kind = type(backbone).__name__
+    if kind not in DIFFUSERS_MODELS:
+        raise ValueError(f"pytorch_lora_weights.safetensors is written for a wrapped diffusers model "
+                         f"(backbone={', '.join(('sd15_unet', 'sdxl_unet', 'sd3_transformer', 'flux_transformer'))}), "
+                         f"not {kind}")
+    attribute, pipeline, keyword = DIFFUSERS_MODELS[kind]
+    state = lora_state_dict(getattr(backbone, attribute))
     if not state:
         raise ValueError("the backbone carries no LoRA layers (adapter=lora)")
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
     metadata: dict[str, Any] = {"r": adapter.rank, "lora_alpha": float(adapter.alpha), "target_modules": targets,
                                 "lora_dropout": float(adapter.dropout)}
     directory = Path(directory)
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
-                                              safe_serialization=True)
+    getattr(diffusers, pipeline).save_lora_weights(directory, safe_serialization=True, **{
+        f"{keyword}_lora_layers": state, f"{keyword}_lora_adapter_metadata": metadata})
     return directory / "pytorch_lora_weights.safetensors"
 
 

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from diffusion.conditioning.micro import MICRO_KEYS
 from diffusion.data.cache import CachedDataModule, check_cache_dtype, write_cache
 from diffusion.data.classes import write_class_names
 from diffusion.loggers import resume_at
@@ -123,9 +124,12 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run)
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("cache_dir"):
+        check_data_cacheable(cfg)
     datamodule = None if cfg.get("cache_dir") else instantiate(cfg.data.module)  # a missing folder: refused here
     model = build_module(cfg)
     model.run_config = resolved
+    check_adapter_cacheable(cfg, model)
     if datamodule is None:  # read the shards instead of running the encoders
         datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model),
                                       num_workers=cfg.data.module.get("num_workers", 0), seed=cfg.seed)
@@ -154,6 +158,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
         if converted:  # it holds no optimiser or loop state that Lightning could resume
             initial, ckpt_path = checkpoint["state_dict"], None
         del checkpoint
+    if hasattr(datamodule, "check_class_images"):  # DreamBooth: a class folder of another base is refused here,
+        datamodule.check_class_images(model, check=initial is None)  # or with converted start weights in fit
 
     # From here on the run directory is written to.
     if trainer.is_global_zero:
@@ -172,6 +178,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
         model.load_state_dict(initial)
         del initial
     trainer.fit(model, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:  # e.g. Textual Inversion's learned_embeds.safetensors, in the run directory
+        model.adapter.write_outputs(model, run)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -213,6 +221,24 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate: i
     return global_batch_size // shares
 
 
+def check_data_cacheable(cfg: DictConfig) -> None:
+    """Refuse cache_dir for a data module that says why it cannot train from a cache (``cache_refusal``)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "data.module._target_", default=None)
+    refusal = getattr(get_class(target), "cache_refusal", None) if target else None
+    if refusal:
+        raise ValueError(refusal)
+
+
+def check_adapter_cacheable(cfg: DictConfig, model: DiffusionModule) -> None:
+    """Refuse ``cache_dir`` when the adapter trains what a cache would fix (Textual Inversion's token rows)."""
+    if cfg.get("cache_dir") and not model.adapter.conditions_fixed:
+        raise ValueError(f"cache_dir={cfg.cache_dir}: adapter={model.adapter.name} trains the text encoder's new "
+                         "token embeddings, so the text embeddings of a caption change every step and cannot be read "
+                         "from a cache; leave cache_dir out (the captions are then encoded each step)")
+
+
 def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]:
     """What a cache of this configuration depends on: the encoders (their weights' hashes), the
     data and its transforms, and the dtype it is stored in; not the batch size or the loader's workers."""
@@ -235,8 +261,10 @@ def cache(cfg: DictConfig) -> Path:
 
     if not cfg.get("cache_dir"):
         raise ValueError("pass cache_dir=PATH: where the cache is written (and later read by train.py cache_dir=PATH)")
+    check_data_cacheable(cfg)
     device = resolve_device(cfg.get("cache_device", "auto"), key="cache_device")
     model = build_module(cfg).eval().to(device)
+    check_adapter_cacheable(cfg, model)
     datamodule = instantiate(cfg.data.module)
     fingerprint = cache_fingerprint(cfg, model)
 
@@ -247,7 +275,8 @@ def cache(cfg: DictConfig) -> Path:
         with tqdm(total=len(dataset), desc=f"cache {split}", unit="img", dynamic_ncols=True) as bar:
             def encode(batch: dict[str, Any]) -> dict[str, Tensor]:
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                encoded = {"latent": model.latents(batch), **model.conditioner.cache(batch)}
+                encoded = {"latent": model.latents(batch), **model.conditioner.cache(batch),
+                           **{k: batch[k] for k in MICRO_KEYS if k in batch}}  # SDXL's image sizes
                 bar.update(len(encoded["latent"]))
                 return {k: v.cpu() for k, v in encoded.items()}
 
@@ -339,13 +368,16 @@ def export(cfg: DictConfig) -> Path:
     """The EMA weights of a checkpoint as ``ema.safetensors``, beside the resolved ``config.yaml``
     that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``).
 
-    A LoRA is merged into its base weights there (and config.yaml says adapter=full); a LoRA of a
-    diffusers UNet is also written as its own file, in ``lora_format``: diffusers'
-    ``pytorch_lora_weights.safetensors`` or kohya's layout (``lora_kohya.safetensors``, for ComfyUI)."""
+    A LoRA is merged into its base weights there (and config.yaml says adapter=full). A wrapped
+    diffusers model (SD's UNet, SD3's or FLUX's transformer) is also written as diffusers saves it,
+    ``unet/`` or ``transformer/`` (``from_pretrained`` reads it; the LoRA merged), and its LoRA as
+    diffusers' ``pytorch_lora_weights.safetensors`` (the pipeline's ``load_lora_weights`` reads it), or
+    with ``lora_format=kohya`` a UNet's LoRA in kohya's layout, ``lora_kohya.safetensors`` (ComfyUI's).
+    An adapter's own files are written beside them (Textual Inversion: ``learned_embeds.safetensors``)."""
     from safetensors.torch import save_file
 
     from diffusion._checks import check_choice
-    from diffusion.adapters import LoRA, merged, save_diffusers_lora, save_kohya_lora
+    from diffusion.adapters import LoRA, diffusers_model, merged, save_diffusers_lora, save_kohya_lora
 
     lora_format = cfg.get("lora_format", "diffusers")
     check_choice("lora_format", lora_format, LORA_FORMATS)
@@ -360,14 +392,18 @@ def export(cfg: DictConfig) -> Path:
     out = Path(cfg.out) if cfg.out else run_of(path) / "export"
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model.adapter, LoRA):
-        if unet_lora:
-            if lora_format == "kohya":
-                written.append(save_kohya_lora(backbone, model.adapter, out / "lora_kohya.safetensors").name)
-            else:
-                written.append(save_diffusers_lora(backbone, model.adapter, out).name)
+        if unet_lora and lora_format == "kohya":
+            written.append(save_kohya_lora(backbone, model.adapter, out / "lora_kohya.safetensors").name)
+        elif diffusers_model(backbone) is not None:
+            written.append(save_diffusers_lora(backbone, model.adapter, out).name)
         backbone, config["adapter"] = merged(backbone), {"_target_": "diffusion.adapters.Full"}
+    written += [p.name for p in model.adapter.write_outputs(model, out)]
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     save_file(weights, out / "ema.safetensors", metadata={"source": str(path)})
+    if (wrapped := diffusers_model(backbone)) is not None:
+        name, diffusers_module = wrapped
+        diffusers_module.save_pretrained(out / name, safe_serialization=True)
+        written.append(f"{name}/")
     OmegaConf.save(OmegaConf.create(config), out / "config.yaml")
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     return out

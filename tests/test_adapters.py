@@ -392,7 +392,8 @@ def test_a_stable_diffusion_lora_fine_tune_exports_diffusers_files(tmp_path):
         merged_unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
         merged_unet.load_state_dict({k.removeprefix("unet."): v for k, v in load_file(out / "ema.safetensors").items()})
         base = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()(x, steps, cond.tokens).sample
-        for unet in (lora_unet, merged_unet):
+        saved = UNet2DConditionModel.from_pretrained(out / "unet").eval()  # diffusers' own layout, merged
+        for unet in (lora_unet, merged_unet, saved):
             torch.testing.assert_close(unet(x, steps, cond.tokens).sample, ours, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(base, ours, atol=1e-4)  # the LoRA was trained away from zero
     # lora_format=kohya: the same tensors under kohya's names (the file itself is checked against

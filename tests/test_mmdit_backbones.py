@@ -346,3 +346,50 @@ def test_the_recipes_pair_flow_matching_with_each_models_shift(tmp_path):
     shift = instantiate(flux.schedule.time_distribution).shift
     assert isinstance(shift, FluxShift) and shift(128, 128) == pytest.approx(flux.schedule.grid.shift, rel=1e-4)
 
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_lora_fine_tune_exports_what_diffusers_loads(kind, tmp_path):
+    """adapter=lora on the tiny transformer from the command line (diffusers' default targets of each
+    model's LoRA script); export.py writes pytorch_lora_weights.safetensors, which the base transformer
+    loads as its pipeline's load_lora_weights does (prefix "transformer"), and transformer/ with the
+    LoRA merged, which from_pretrained reads: both give our model's output."""
+    from diffusion.adapters import DEFAULT_TARGETS
+
+    root = tmp_path / "model"
+    save_pipeline_parts(root, kind)
+    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
+    cfg = compose_config("train", [
+        *fast, "trainer.max_steps=2", f"experiment=finetune_{kind}", *overrides(root, kind),
+        f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
+        "data.module.num_workers=0", "model.optim.optimizer.lr=1e-2", "adapter=lora", "adapter.rank=2",
+        "adapter.alpha=1", "model.ema_decay=0.5",
+    ], tmp_path / "run")
+    cli.train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = cli.export(compose_config("export", [f"ckpt={ckpt}", f"out={tmp_path / 'export'}"], tmp_path))
+    model = cli.load_module(ckpt)
+    wrapped = model.ema.module.transformer
+    targets = {n.rsplit(".", 1)[-1] for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
+    assert targets >= {"to_q", "add_q_proj", "to_add_out"} and (kind == "sd3" or "proj" in targets)
+    assert len(DEFAULT_TARGETS["FluxTransformer" if kind == "flux" else "SD3Transformer"]) >= 8
+
+    cls = SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel
+    widths = dict(in_channels=16, token_dim=64 if kind == "sd3" else WIDTH, pooled_dim=2 * POOLED,
+                  **({"guidance": cfg.backbone.guidance} if kind == "flux" else {}))
+    x = _randn(2, 16, 8, 8, seed=8)
+    cond = Conditioning(tokens=_randn(2, 5, widths["token_dim"], seed=9), pooled=_randn(2, 2 * POOLED, seed=10))
+    t = torch.tensor([0.3, 0.7])
+    wrapper = SD3Transformer if kind == "sd3" else FluxTransformer
+    with torch.no_grad():
+        ours = model.ema.module(x, t, cond)
+        base = wrapper(pretrained=str(root), **widths).eval()
+        before = base(x, t, cond)
+        base.transformer.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors",
+                                           prefix="transformer")
+        torch.testing.assert_close(base(x, t, cond), ours, rtol=1e-4, atol=1e-5)
+        merged = wrapper(pretrained=str(out / "transformer"), **widths).eval()
+        assert isinstance(merged.transformer, cls)
+        torch.testing.assert_close(merged(x, t, cond), ours, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(before, ours, atol=1e-4)  # the LoRA was trained away from zero

@@ -157,7 +157,7 @@ def _pipeline(unet: UNet2DConditionModel, scheduler) -> StableDiffusionPipeline:
 def test_our_samplers_give_the_latents_of_a_stable_diffusion_pipeline(sampler, alpha_to_one, guidance):
     """SD's scheduler settings (scaled_linear betas, "leading" with steps_offset 1); the same noise and
     prompt embeddings. DDIM with set_alpha_to_one=False (SD's own config) ends at training step 0,
-    t = 1/N, instead of at clean data: our grid's last time is moved there."""
+    t = 1/N, instead of at clean data: so does our grid with the option of that name."""
     steps, unet = 6, tiny_sd_unet(seed=5)
     if sampler == "ddim":
         scheduler = DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=alpha_to_one, steps_offset=1,
@@ -172,15 +172,24 @@ def test_our_samplers_give_the_latents_of_a_stable_diffusion_pipeline(sampler, a
     ).images
 
     schedule = DDPM("scaled_linear", "eps")
-    grid = grids.ddpm(steps, "leading", steps_offset=1)
-    if alpha_to_one is False:
-        grid[-1] = schedule.first_trained_time
+    grid = grids.ddpm(steps, "leading", steps_offset=1, set_alpha_to_one=alpha_to_one is not False)
+    assert grid[-1] == (schedule.first_trained_time if alpha_to_one is False else 0)
     model = ClassifierFreeGuidance(_ours(unet), Conditioning(tokens=prompts), Conditioning(tokens=null).expand(2),
                                    guidance)
     with torch.no_grad():
         ours = (ddim if sampler == "ddim" else euler)(model, schedule, noise, grid)
     assert expected.abs().mean() > 0.1  # not a degenerate run
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=2e-5)
+
+
+def test_set_alpha_to_one_false_ends_the_grid_at_training_step_0(tmp_path):
+    """diffusers' DDIMScheduler(set_alpha_to_one=False) steps to alphas_cumprod[0] last: t = 1/N."""
+    assert grids.ddpm(4, "leading", steps_offset=1, set_alpha_to_one=False).tolist() == [0.752, 0.502, 0.252, 0.002, 0.001]
+    assert grids.ddpm(4, "leading", set_alpha_to_one=False).tolist() == [0.751, 0.501, 0.251, 0.001]  # there already
+    assert grids.ddpm(4, "leading").tolist()[-1] == 0
+    sd = compose_config("train", ["experiment=finetune_sd15"], tmp_path)
+    sdxl = compose_config("train", ["experiment=finetune_sdxl"], tmp_path)
+    assert sd.schedule.grid.set_alpha_to_one is False and sdxl.schedule.grid.set_alpha_to_one is True
 
 
 # --- fine-tuning from the command line ------------------------------------------------------------

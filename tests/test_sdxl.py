@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from diffusion import cli
 from diffusion.backbones import DiffusersUNet
 from diffusion.conditioning import Conditioning
-from diffusion.encoders import ConcatTextEncoders, HFTextEncoder
+from diffusion.encoders import HFTextEncoder, JointTextEncoder
 from diffusion.samplers import ClassifierFreeGuidance, euler, grids
 from diffusion.schedules import DDPM
 from tests.conftest import CONF, FAST, compose_config
@@ -64,11 +64,12 @@ def _save_pipeline_encoders(root: Path) -> Path:
     return root
 
 
-def _sdxl_encoder(root: Path, max_length: int = 64) -> ConcatTextEncoders:
+def _sdxl_encoder(root: Path, max_length: int = 64) -> JointTextEncoder:
     """text_encoder=sdxl as its config file says, from root."""
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONF) / "text_encoder" / "sdxl.yaml"))
-    for part in cfg["encoders"]:
-        part.update(pretrained=str(root), max_length=max_length)
+    cfg = OmegaConf.load(Path(CONF) / "text_encoder" / "sdxl.yaml")
+    cfg.pretrained = str(root)
+    for part in cfg.encoders.values():
+        part.max_length = max_length
     from hydra.utils import instantiate
 
     return instantiate(cfg, _convert_="all")
@@ -174,7 +175,7 @@ def test_the_encoder_pair_gives_the_sdxl_pipelines_prompt_embeddings(tmp_path):
 
     cond = TextPrompts(encoder)({"caption": prompts, "has_caption": torch.tensor([True, False])})
     assert torch.equal(cond.tokens[0], got.tokens[0]) and not cond.tokens[1].any() and not cond.pooled[1].any()
-    assert encoder.fingerprint()["null_as"] == "zeros" and encoder.encoders[0].fingerprint()["layer"] == "penultimate"
+    assert encoder.fingerprint()["null_as"] == "zeros" and encoder.encoders["clip_l"].fingerprint()["layer"] == "penultimate"
     empty = _sdxl_encoder(root)
     empty.null_as = "empty_prompt"
     torch.testing.assert_close(empty.null_condition(1).tokens, encoder([""]).tokens)
@@ -184,14 +185,12 @@ def test_a_bad_encoder_pair_is_refused(tmp_path):
     root = _save_pipeline_encoders(tmp_path / "sdxl")
     one = HFTextEncoder(str(root), subfolder="text_encoder", tokenizer_subfolder="tokenizer", max_length=16, pooling="none")
     two = HFTextEncoder(str(root), subfolder="text_encoder_2", tokenizer_subfolder="tokenizer_2", max_length=20)
-    with pytest.raises(ValueError, match="two or more encoders"):
-        ConcatTextEncoders([one])
-    with pytest.raises(ValueError, match="max_length differ \\(\\[16, 20\\]\\)"):
-        ConcatTextEncoders([one, two])
-    with pytest.raises(ValueError, match="encoder 0 \\(pooled_from\\) gives no pooled vector"):
-        ConcatTextEncoders([one, one], pooled_from=0)
+    with pytest.raises(ValueError, match="must give the same length, got \\{'one': 16, 'two': 20\\}"):
+        JointTextEncoder({"one": one, "two": two}, tokens=[["one", "two"]])
+    with pytest.raises(ValueError, match="encoder 'one' gives no pooled vector"):
+        JointTextEncoder({"one": one}, tokens=[["one"]], pooled=["one"])
     with pytest.raises(ValueError, match="null_as='nothing' is not supported"):
-        ConcatTextEncoders([one, one], pooled_from=None, null_as="nothing")
+        JointTextEncoder({"one": one}, tokens=[["one"]], null_as="nothing")
     with pytest.raises(ValueError, match="layer='middle' is not supported"):
         HFTextEncoder(str(root), subfolder="text_encoder", tokenizer_subfolder="tokenizer", layer="middle")
 
@@ -231,7 +230,7 @@ def test_finetune_sdxl_trains_from_the_saved_parts(tmp_path):
     fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
     cfg = compose_config("train", [
         *fast, "experiment=finetune_sdxl", f"backbone.pretrained={root}", "vae=tiny_sd",
-        f"text_encoder.encoders.0.pretrained={root}", f"text_encoder.encoders.1.pretrained={root}",
+        f"text_encoder.pretrained={root}",
         f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
         "data.module.num_workers=0", "model.optim.optimizer.lr=1e-3",
     ], tmp_path / "run")
@@ -255,5 +254,75 @@ def test_the_sdxl_configs_name_the_released_weights():
     unet = OmegaConf.load(Path(CONF) / "backbone" / "sdxl_unet.yaml")
     assert unet.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     text = OmegaConf.load(Path(CONF) / "text_encoder" / "sdxl.yaml")
-    assert [e.subfolder for e in text.encoders] == ["text_encoder", "text_encoder_2"]
-    assert [e.layer for e in text.encoders] == ["penultimate", "penultimate"] and text.pooled_from == 1
+    assert [e.subfolder for e in text.encoders.values()] == ["text_encoder", "text_encoder_2"]
+    assert [e.layer for e in text.encoders.values()] == ["penultimate", "penultimate"] and text.pooled == ["clip_g"]
+
+
+# --- each training image's size and crop (micro-conditioning), as diffusers' SDXL script ----------
+def test_each_image_gives_its_original_size_and_crop_as_diffusers_sdxl_script_computes_them(tmp_path):
+    """The crop offset is that of the resized image, of the flipped one when flipped (diffusers flips,
+    then crops): checked by cropping the flipped resized file with PIL at the reported offset."""
+    from PIL import Image, ImageOps
+
+    from diffusion.data.captions import ImageCaptionDataset
+    from diffusion.data.images import RESAMPLE
+
+    folder = make_captioned_folder(tmp_path / "images", n=6, sizes=[(90, 40), (40, 70)], layout="csv")
+    data = ImageCaptionDataset(folder, resolution=32, crop="random", hflip=True, seed=3)
+    flips = set()
+    for item in (data[i] for i in range(len(data))):
+        with Image.open(item["path"]) as img:
+            w, h = img.size
+            rgb = img.convert("RGB")
+        assert item["original_size"].tolist() == [h, w] and item["target_size"].tolist() == [32, 32]
+        top, left = item["crop_top_left"].tolist()
+        scale = max(32 / w, 32 / h)
+        resized = rgb.resize((max(32, round(w * scale)), max(32, round(h * scale))), RESAMPLE)
+        expected = {}
+        for flipped, picture in ((False, resized), (True, ImageOps.mirror(resized))):
+            crop = torch.from_numpy(__import__("numpy").array(picture.crop((left, top, left + 32, top + 32))))
+            expected[flipped] = crop.permute(2, 0, 1).float().div(127.5).sub(1)
+        match = [f for f, e in expected.items() if torch.allclose(item["image"], e, atol=1e-6)]
+        assert match, "the reported crop offset does not give the item's pixels"
+        flips.update(match)
+    assert flips == {False, True}  # both cases were checked
+
+
+def test_the_training_step_gives_the_unet_each_images_time_ids_also_when_the_caption_is_dropped(tmp_path):
+    from diffusion.conditioning.micro import with_time_ids
+    from diffusion.training.module import DiffusionModule
+
+    class Prompts(torch.nn.Module):  # a stand-in conditioner: fixed tokens and pooled vectors
+        takes = "prompts"
+
+        def forward(self, batch):
+            return Conditioning(tokens=torch.ones(len(batch["caption"]), 3, WIDTH),
+                                pooled=torch.ones(len(batch["caption"]), POOLED))
+
+        def null(self, n, device):
+            return Conditioning(tokens=torch.zeros(n, 3, WIDTH), pooled=torch.zeros(n, POOLED))
+
+    unet = _ours(tiny_sdxl_unet(seed=3))
+    module = DiffusionModule(unet, DDPM(prediction="eps"), conditioner=Prompts(), cond_dropout=1.0)
+    seen = []
+    unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("cond", args[-1])), with_kwargs=True)
+    batch = {"image": torch.zeros(2, 4, 8, 8), "caption": ["a", "b"],
+             "original_size": torch.tensor([[300, 200], [64, 96]]), "crop_top_left": torch.tensor([[0, 10], [4, 0]]),
+             "target_size": torch.tensor([[64, 64], [64, 64]])}
+    module.training_step(batch, 0)
+    (cond,) = seen
+    assert torch.equal(cond.tokens, torch.zeros(2, 3, WIDTH))  # every caption dropped (p = 1) ...
+    assert torch.equal(cond.time_ids, torch.tensor([[300, 200, 0, 10, 64, 64], [64, 96, 4, 0, 64, 64]]))  # ... not sizes
+    # They reach diffusers' UNet as its time_ids; a backbone that takes none never gets them.
+    x, t = _randn(2, 4, 8, 8, seed=5), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        theirs = unet.unet(x, unet.timestep(t), encoder_hidden_states=cond.tokens,
+                           added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids.float()}).sample
+        assert torch.equal(unet(x, t, cond), theirs)
+    sd = DiffusersUNet(config=TINY_SD_UNET, token_dim=32)
+    plain = Conditioning(tokens=torch.zeros(2, 3, 32))
+    assert with_time_ids(plain, batch, sd) is plain
+    with pytest.raises(ValueError, match="takes no cond.time_ids"):
+        sd(torch.zeros(2, 4, 8, 8), t, plain.replace(time_ids=cond.time_ids))
+    with pytest.raises(ValueError, match="time_ids must be int64 of shape \\(B, 6\\)"):
+        Conditioning(time_ids=torch.zeros(2, 6))

@@ -40,6 +40,9 @@ def test_text_to_image_end_to_end_offline(train_config, tmp_path):
     on_the_fly = default_collate([source[i] for i in idx])
     from_cache = default_collate([cached[i] for i in idx])
     torch.testing.assert_close(_loss(model, from_cache), _loss(model, on_the_fly), rtol=1e-5, atol=1e-6)
+    from diffusion.conditioning.micro import MICRO_KEYS  # SDXL's image sizes are cached with them
+
+    assert all(torch.equal(from_cache[k], on_the_fly[k]) for k in MICRO_KEYS)
 
     cli.train(cfg)  # from the shards
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -36,6 +36,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
     if option == "image_classes":
         extra = [f"data.module.root={make_class_folder(tmp_path / 'classes', classes=3)}", "data.num_classes=3",
                  "data.module.batch_size=2"]
+    if option == "dreambooth":  # prior preservation would need the base model's class images first
+        extra = [f"data.module.instance_dir={make_captioned_folder(tmp_path / 'images')}",
+                 "data.module.instance_prompt=a photo of sks dog", "data.module.prior_preservation=false"]
     if option in ("text", "t2i_tiny"):
         extra.append("text_encoder=openclip_tiny")
     if option == "t2i_tiny" or option.startswith("finetune_"):
@@ -139,8 +142,7 @@ def _with_tiny_released_parts(cfg, tmp_path):
         with open_dict(cfg):
             cfg.backbone.pretrained = str(root)
             cfg.vae.pretrained, cfg.vae.config = None, TINY_VAE_CONFIGS["sd"]
-            for encoder in cfg.text_encoder.encoders:
-                encoder.pretrained = str(root)
+            cfg.text_encoder.pretrained = str(root)
         return cfg
     with open_dict(cfg):
         save_tiny_sd_unet(tmp_path / "unet")

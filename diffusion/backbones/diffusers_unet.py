@@ -11,10 +11,11 @@ vector and no class label.
 SDXL (``addition_embed_type="text_time"``) adds two inputs to the time embedding: ``text_embeds``,
 the pooled text vector (``cond.pooled``: OpenCLIP bigG's projected EOS state), and ``time_ids``, six
 numbers per sample, (original height, width, crop top, left, target height, width) in pixels, its
-size and crop micro-conditioning. They come from config, not from the data: ``time_ids`` null sizes
-are the image's size, latent size times ``pixels_per_latent`` (what the data pipeline trains on, and
-what diffusers' SDXL pipeline passes by default), crop (0, 0). The real original size and crop of
-each training image are not passed on by the data pipeline yet.
+size and crop micro-conditioning. In training they are each image's, as the data pipeline gives
+them (``cond.time_ids``, diffusion.conditioning.micro: the file's size, the crop's offset and size),
+as diffusers' SDXL script trains. Where the condition has none (sampling, data without sizes) they
+come from config: ``time_ids`` null sizes are the image's size, latent size times
+``pixels_per_latent`` (what diffusers' SDXL pipeline passes by default), crop (0, 0).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class DiffusersUNet(nn.Module):
             channels, the text encoder's widths); checked against the UNet's own config.
         token_mask: pass the tokens' padding mask as ``encoder_attention_mask`` (SD did not).
         gradient_checkpointing: recompute activations in backward (diffusers' own).
-        time_ids: SDXL's micro-conditioning, {original_size: [h, w] | null, crop_top_left: [top, left],
+        time_ids: SDXL's micro-conditioning where the condition carries none (``cond.time_ids``),
+            {original_size: [h, w] | null, crop_top_left: [top, left],
             target_size: [h, w] | null}, in pixels; a null size is the image's (latents' size times
             ``pixels_per_latent``). Only for a UNet with ``addition_embed_type="text_time"``.
         pixels_per_latent: the autoencoder's downsampling factor (8 for SDXL's VAE).
@@ -93,6 +95,7 @@ class DiffusersUNet(nn.Module):
         self.token_mask = token_mask
         self.downsample_factor = 2 ** (len(c.block_out_channels) - 1)
         self.text_time = c.addition_embed_type == "text_time"
+        self.takes_time_ids = self.text_time  # each training image's (diffusion.conditioning.micro)
         # SDXL's time embedding takes the pooled vector and 6 sinusoidal time ids, concatenated.
         self.pooled_dim = (int(c.projection_class_embeddings_input_dim) - 6 * int(c.addition_time_embed_dim)
                            if self.text_time else None)
@@ -168,6 +171,8 @@ class DiffusersUNet(nn.Module):
             raise ValueError(f"{self.name} takes no cond.labels, but it was given")
         if not self.text_time and cond.pooled is not None:
             raise ValueError(f"{self.name} takes no cond.pooled, but it was given")
+        if not self.text_time and cond.time_ids is not None:
+            raise ValueError(f"{self.name} takes no cond.time_ids (SDXL's micro-conditioning), but they were given")
         if cond.tokens.shape[0] != x.shape[0] or cond.tokens.shape[-1] != self.token_dim:
             raise ValueError(f"{self.name} expects cond.tokens of shape ({x.shape[0]}, L, {self.token_dim}), got "
                              f"{tuple(cond.tokens.shape)}")
@@ -179,7 +184,10 @@ class DiffusersUNet(nn.Module):
                 got = None if cond.pooled is None else tuple(cond.pooled.shape)
                 raise ValueError(f"{self.name} needs cond.pooled of shape ({x.shape[0]}, {self.pooled_dim}), SDXL's "
                                  f"text_embeds (the second text encoder's projection); got {got}")
-            added = {"text_embeds": cond.pooled.to(dtype), "time_ids": self.time_ids(x).to(dtype)}
+            ids = self.time_ids(x) if cond.time_ids is None else cond.time_ids
+            if ids.shape != (x.shape[0], 6):
+                raise ValueError(f"{self.name} needs cond.time_ids of shape ({x.shape[0]}, 6), got {tuple(ids.shape)}")
+            added = {"text_embeds": cond.pooled.to(dtype), "time_ids": ids.to(dtype)}
         out = self.unet(x.to(dtype), self.timestep(t), encoder_hidden_states=cond.tokens.to(dtype),
                         encoder_attention_mask=mask, added_cond_kwargs=added, return_dict=False)[0]
         return out.to(x.dtype)

@@ -135,7 +135,8 @@ class TextPrompts(Conditioner):
     def null(self, batch_size: int, device: torch.device) -> Conditioning:
         # The encoder is frozen, so its null condition never changes: encode "" once, not per step.
         if self._null is None or self._null.tokens.device != torch.device(device):
-            self._null = self.encoder.null_condition(1).to(device)
+            with torch.no_grad():  # kept across steps: no graph (an encoder may pass gradients, Textual Inversion)
+                self._null = self.encoder.null_condition(1).to(device)
         return self._null.expand(batch_size)
 
     def backbone_kwargs(self) -> dict[str, int | None]:

@@ -1,7 +1,7 @@
 """The one conditioning type every backbone accepts.
 
 A batch's condition is any combination of text tokens (with a padding mask),
-a pooled vector and class labels. Every field is a plain tensor or None, so a
+a pooled vector, class labels and image sizes. Every field is a plain tensor or None, so a
 generic classifier-free-guidance wrapper can `torch.cat` fields along the
 batch and leave None fields None.
 """
@@ -28,18 +28,23 @@ class Conditioning:
     pooled: (B, P) float, e.g. a pooled text embedding; goes through adaLN /
             the time embedding of the backbone.
     labels: (B,) int64 class indices; index `num_classes` is the null class.
+    time_ids: (B, 6) int64, each training image's (original h, w, crop top, left, target h, w) in
+            pixels: SDXL's size and crop micro-conditioning (diffusion.conditioning.micro). Integers,
+            so that a half-precision ``.to(dtype)`` cannot round a size.
     """
 
     tokens: Tensor | None = None
     mask: Tensor | None = None
     pooled: Tensor | None = None
     labels: Tensor | None = None
+    time_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_ndim("tokens", self.tokens, 3, "(B, L, D)")
         _check_ndim("mask", self.mask, 2, "(B, L)")
         _check_ndim("pooled", self.pooled, 2, "(B, P)")
         _check_ndim("labels", self.labels, 1, "(B,)")
+        _check_ndim("time_ids", self.time_ids, 2, "(B, 6)")
         if self.mask is not None:
             if self.tokens is None:
                 raise ValueError("Conditioning.mask was given without tokens; a mask only describes tokens.")
@@ -52,6 +57,9 @@ class Conditioning:
                 )
         if self.labels is not None and self.labels.dtype != torch.long:
             raise ValueError(f"Conditioning.labels must be int64 class indices, got dtype {self.labels.dtype}.")
+        if self.time_ids is not None and (self.time_ids.dtype != torch.long or self.time_ids.shape[1] != 6):
+            raise ValueError(f"Conditioning.time_ids must be int64 of shape (B, 6), got {self.time_ids.dtype} "
+                             f"{tuple(self.time_ids.shape)}.")
         sizes = {name: t.shape[0] for name, t in self.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"Conditioning fields disagree on the batch size: {sizes}.")
@@ -76,7 +84,7 @@ class Conditioning:
 
     # -- movement -----------------------------------------------------------------
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        """Move every field to `device`; `dtype` applies to float fields only (mask and labels keep theirs)."""
+        """Move every field to `device`; `dtype` applies to float fields only (mask, labels and time_ids keep theirs)."""
 
         def move(t: Tensor | None) -> Tensor | None:
             if t is None:

@@ -7,12 +7,15 @@ from diffusion.data.buckets import make_buckets
 from diffusion.data.cache import CachedDataModule, CachedDataset, write_cache
 from diffusion.data.captions import ImageCaptionDataModule, ImageCaptionDataset
 from diffusion.data.classes import ImageClassDataModule, ImageClassDataset, center_crop_arr
+from diffusion.data.dreambooth import DreamBoothDataModule, DreamBoothDataset
 from diffusion.data.digits import DigitsDataModule, load_digits_split
 
 __all__ = [
     "CachedDataModule",
     "CachedDataset",
     "DigitsDataModule",
+    "DreamBoothDataModule",
+    "DreamBoothDataset",
     "GlobalBatchSampler",
     "ImageCaptionDataModule",
     "ImageCaptionDataset",

@@ -4,7 +4,10 @@ Captions come from ``metadata.csv`` or ``metadata.jsonl`` at the root (columns `
 relative and possibly in a subfolder, and ``text``: Hugging Face's imagefolder convention), else
 from ``.txt`` files beside the images (same stem). An image without a caption trains
 unconditionally: caption ``""`` and ``has_caption`` False. Items are
-``{"image": (3, H, W) in [-1, 1], "caption", "has_caption", "path", "index"}``.
+``{"image": (3, H, W) in [-1, 1], "caption", "has_caption", "path", "index"}`` and SDXL's
+micro-conditioning of the image (diffusion.conditioning.micro): ``original_size`` (h, w of the file),
+``crop_top_left`` (top, left in the resized image, of the flipped image when flipped) and
+``target_size`` (H, W).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from diffusion.data.images import (
     FolderScan,
     ImageRecord,
     augmentation_generator,
+    cover_size,
     list_images,
     load_rgb,
     resize_crop,
@@ -160,12 +164,19 @@ class ImageCaptionDataset(ReplacesBadImages):
             record = self.records[candidate]
             generator = augmentation_generator(self.seed, epoch, index)  # the asked-for sample's key
             flip = bool(torch.rand((), generator=generator) < 0.5)
-            img, _ = resize_crop(img, self.buckets[bucket], self.crop, generator)
+            target = self.buckets[bucket]
+            cover_w, _ = cover_size(img.size, target)  # the width resize_crop resizes to
+            img, (top, left) = resize_crop(img, target, self.crop, generator)
             image = to_tensor(img)
             if self.hflip and flip:
                 image = image.flip(-1)
+                # diffusers' SDXL script flips before it crops: the same pixels, cropped from the right.
+                left = cover_w - target[1] - left
+            width, height = record.size
             return {"image": image, "caption": record.caption, "has_caption": record.has_caption,
-                    "path": str(record.path), "index": candidate}
+                    "path": str(record.path), "index": candidate,
+                    "original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor([top, left]),
+                    "target_size": torch.tensor(target)}
         raise RuntimeError(f"every image of bucket {self.buckets[bucket]} under {self.scan.root} is unreadable")
 
 

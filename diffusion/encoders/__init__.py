@@ -1,9 +1,8 @@
 """Frozen text encoders: prompts -> Conditioning(tokens, mask, pooled), with the null (empty-prompt) condition."""
 
 from diffusion.encoders.base import TextEncoder
-from diffusion.encoders.concat import ConcatTextEncoders
 from diffusion.encoders.hf import HFTextEncoder
 from diffusion.encoders.joint import JointTextEncoder
 from diffusion.encoders.openclip import OpenCLIPTextEncoder
 
-__all__ = ["ConcatTextEncoders", "HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]
+__all__ = ["HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]

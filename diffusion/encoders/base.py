@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -22,6 +23,9 @@ class TextEncoder(FrozenModule, ABC):
     pooled_dim: int | None
     max_length: int
     source: str = "config"
+    # True when a trainable part reads this encoder (Textual Inversion's new token rows): forward then
+    # keeps the caller's gradient mode, so gradients reach those rows; its own weights take none.
+    passes_gradients: bool = False
 
     @abstractmethod
     def _encode(self, prompts: list[str]) -> Conditioning:
@@ -31,7 +35,6 @@ class TextEncoder(FrozenModule, ABC):
     def _tokenizer_id(self) -> str:
         """What identifies the tokenizer, for the fingerprint."""
 
-    @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> Conditioning:
         # A bare string is a Sequence[str] too: it would be encoded as one prompt per character.
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
@@ -39,7 +42,8 @@ class TextEncoder(FrozenModule, ABC):
             raise ValueError(f"{type(self).__name__} expects a list of prompt strings, got {got!r}.")
         if len(prompts) == 0:
             raise ValueError(f"{type(self).__name__} expects at least one prompt, got an empty list.")
-        return self._encode(list(prompts))
+        with nullcontext() if self.passes_gradients else torch.no_grad():
+            return self._encode(list(prompts))
 
     def null_condition(self, batch_size: int = 1) -> Conditioning:
         """The encoding of the empty prompt "", expanded (a view) to `batch_size`: the unconditional input

@@ -91,7 +91,12 @@ class HFTextEncoder(TextEncoder):
             found["layer"] = self.layer
         return found
 
+    #: A rewrite of each prompt before tokenizing: Textual Inversion's expansion of a multi-vector placeholder.
+    prompt_rewrite = None
+
     def _encode(self, prompts: list[str]) -> Conditioning:
+        if self.prompt_rewrite is not None:
+            prompts = [self.prompt_rewrite(p) for p in prompts]
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )

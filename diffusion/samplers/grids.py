@@ -55,13 +55,19 @@ def geometric(steps: int, schedule: Schedule, sigma_min: float = 0.01, sigma_max
     return karras(steps, schedule, sigma_min, sigma_max, rho=math.inf)
 
 
-def ddpm(steps: int, spacing: str = "leading", num_train_steps: int = 1000, steps_offset: int = 0) -> Tensor:
+def ddpm(steps: int, spacing: str = "leading", num_train_steps: int = 1000, steps_offset: int = 0,
+         set_alpha_to_one: bool = True) -> Tensor:
     """The DDPM step spacings of Lin et al. 2024 (Table 2): ``steps`` of the ``num_train_steps``
     training steps i (at t = (i + 1) / N), then a last step to t = 0 (clean data); ``steps + 1``
     times in all. The step indices are diffusers' ``set_timesteps`` values, float64 arithmetic
     and rounding included, so a grid matches a diffusers pipeline step for step. Only
     "trailing" and "linspace" start at the last training step (t = 1), "linspace" from 2 steps
-    on; ``steps_offset`` shifts "leading" alone, as in diffusers."""
+    on; ``steps_offset`` shifts "leading" alone, as in diffusers.
+
+    ``set_alpha_to_one=False`` is diffusers' DDIM / PNDM option of that name (Stable Diffusion's
+    scheduler config): the last step goes to training step 0, t = 1/N, instead of clean data, so the
+    samples keep that step's noise (sigma ~ 0.03 on SD's betas); a grid whose last step is already
+    there ends at it."""
     check_choice("spacing", spacing, DDPM_SPACINGS)
     n = int(check_positive("num_train_steps", num_train_steps))
     if not 0 < steps <= n:
@@ -81,6 +87,8 @@ def ddpm(steps: int, spacing: str = "leading", num_train_steps: int = 1000, step
         # has that bug): the values are kept, their count is steps.
         idx = np.round(np.arange(n, 0, -n / steps)[:steps]) - 1
     times = (torch.from_numpy(np.array(idx, dtype=np.float64)) + 1) / n
+    if not set_alpha_to_one:
+        return times if times[-1] == 1 / n else torch.cat([times, torch.full((1,), 1 / n, dtype=torch.float64)])
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
 
 

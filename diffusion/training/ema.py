@@ -50,7 +50,8 @@ class EMA(nn.Module):
         pairs = [_alike(e, p) for e, p in zip(self.module.parameters(), model.parameters())
                  if p.requires_grad or not self.trainable_only]
         ema_params = [e for e, _ in pairs]
-        torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in pairs], 1.0 - decay)
+        if ema_params:  # none with a backbone that does not train (Textual Inversion trains token rows)
+            torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in pairs], 1.0 - decay)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(_whole(buffer))
         self.num_updates += 1

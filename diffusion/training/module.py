@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from diffusion.adapters import Adapter, Full, base_parameter_names
 from diffusion.conditioning import Conditioner, Unconditional, drop_condition
+from diffusion.conditioning.micro import with_time_ids
 from diffusion.data.batching import batches_processed, check_split_over_processes
 from diffusion.frozen import FrozenModule, weights_sha256
 from diffusion.objective import DiffusionObjective
@@ -51,6 +52,16 @@ def _takes(function: Callable, name: str) -> bool:
     """Whether ``function`` accepts the keyword ``name`` (itself or through ``**kwargs``)."""
     parameters = inspect.signature(function).parameters.values()
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def weighted_loss(per_sample: Tensor, loss_weight: Tensor) -> Tensor:
+    """``mean_i(loss_weight_i * per_sample_i)``: the batch's per-sample weights applied as given, not
+    renormalised, so a data module chooses the formula (DreamBooth's weights make it
+    ``mean(instance) + prior_loss_weight * mean(class)``). Batches without weights keep the plain mean."""
+    if loss_weight.shape != per_sample.shape:
+        raise ValueError(f"batch['loss_weight'] has shape {tuple(loss_weight.shape)}, expected one weight per sample "
+                         f"{tuple(per_sample.shape)}")
+    return (loss_weight.to(per_sample) * per_sample).mean()
 
 
 VALIDATION_KEY = -1  # keys the validation noise apart from any training draw
@@ -105,6 +116,7 @@ class DiffusionModule(L.LightningModule):
         self.objective: DiffusionObjective = make_objective(backbone, schedule, time_distribution or Uniform(),
                                                            weighting or NoWeighting(), vlb_weight)
         self.conditioner = conditioner or Unconditional()
+        self.adapter.attach(self.conditioner)  # Textual Inversion adds its tokens and trainable rows here
         self.autoencoder = autoencoder
         self.cond_dropout = cond_dropout
         self.optim = optim or OptimConfig()
@@ -182,7 +194,10 @@ class DiffusionModule(L.LightningModule):
                             offset_noise=self.offset_noise)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
                               drop=draws.drop)
+        cond = with_time_ids(cond, batch, self.backbone)  # SDXL's image sizes: kept when the caption is dropped
         out = self.objective(partial(self.model(self.backbone), cond=cond), x0, t=draws.t, noise=draws.noise)
+        if batch.get("loss_weight") is not None:  # e.g. DreamBooth's prior preservation (diffusion.data.dreambooth)
+            out.loss = weighted_loss(out.per_sample, batch["loss_weight"])
         # The global batch's loss: logged as one process would, and non-finite on every process if on one.
         loss = self._mean_over_processes(out.loss.detach())
         self._losses.record(loss, self.global_step)
@@ -228,7 +243,7 @@ class DiffusionModule(L.LightningModule):
     # --- validation: fixed times and fixed noise ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x0 = self.latents(batch)
-        cond = self.conditioner(batch)
+        cond = with_time_ids(self.conditioner(batch), batch, self.backbone)
         # Noise keyed to each sample's place in the global validation batch, not to the run's seed:
         # the same for every run and every number of processes, so validation losses compare.
         noise = self._draws(x0, key=(VALIDATION_KEY, batch_idx), drop_probability=0.0).noise
@@ -289,7 +304,7 @@ class DiffusionModule(L.LightningModule):
         """The configured optimiser over the backbone, weight decay on its matrices only (see
         diffusion.training.optim), with the warm-up and decay of ``optim`` per optimiser step."""
         max_steps = self._trainer.max_steps if self._trainer is not None else None  # None outside a Trainer
-        groups = parameter_groups(self.backbone)
+        groups = parameter_groups(self.backbone) + self.adapter.parameter_groups()
         if not any(group["params"] for group in groups):
             raise ValueError(f"adapter={self.adapter.name} leaves no parameter of the backbone to train, and nothing "
                              "else of this model trains; use adapter=full or adapter=lora")
