@@ -56,6 +56,36 @@ def test_posterior_sample_is_seeded_and_differs_from_mode():
     assert not torch.allclose(a, tiny_vae("sd").encode(x))
 
 
+def test_training_draws_each_samples_posterior_noise_from_its_key_not_the_global_rng():
+    """A posterior draw is diffusers' mean + std * eps (eps the sample's own, keyed to (seed, batch,
+    position)): the same after a resume (another global RNG state) and on two processes splitting the batch."""
+    from diffusion.backbones import build_dit
+    from diffusion.schedules import DDPM
+    from diffusion.training.module import DiffusionModule
+
+    vae = tiny_vae("sd", sample_posterior=True, chunk_size=2)
+    x = images(b=4, h=16, w=16)
+    eps = torch.randn(4, 4, 2, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        posterior = vae.vae.encode(x).latent_dist
+    torch.testing.assert_close(vae.encode(x, noise=eps), (posterior.mean + posterior.std * eps) * vae.scale)
+
+    module = DiffusionModule(build_dit(name="dit_tiny", in_channels=4), DDPM("linear", "eps"), autoencoder=vae,
+                             image_shape=(4, 2, 2))
+    key = (0, 7)
+    torch.manual_seed(1)
+    first = module.latents({"image": x}, key)
+    torch.manual_seed(2)  # a resumed run: the global RNG is elsewhere
+    assert torch.equal(module.latents({"image": x}, key), first)
+    assert not torch.equal(module.latents({"image": x}, (0, 8)), first)  # the next batch draws anew
+    halves = []
+    for rank in (0, 1):  # two processes, each with half the global batch
+        module._trainer = type("T", (), {"global_rank": rank, "world_size": 2})()
+        halves.append(module.latents({"image": x[2 * rank:2 * rank + 2]}, key))
+    module._trainer = None
+    torch.testing.assert_close(torch.cat(halves), first)
+
+
 @pytest.mark.parametrize("make", [lambda: tiny_vae("sd"), lambda: IdentityAutoencoder()])
 def test_frozen_in_eval_without_gradients(make):
     ae = make()

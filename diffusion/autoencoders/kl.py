@@ -86,14 +86,29 @@ class KLAutoencoder(Autoencoder):
         self.sample_posterior = sample_posterior
         self._freeze()
 
+    @property
+    def draws_posterior(self) -> bool:
+        """Whether ``encode`` draws from the posterior (and so takes ``noise``)."""
+        return self.sample_posterior
+
     @torch.no_grad()
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) = (z - shift) * scale, z the posterior mode or a sample."""
+    def encode(self, images: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) = (z - shift) * scale, z the posterior mode or a sample:
+        ``mean + std * noise`` with ``noise`` (B, C, H/f, W/f) standard normal when given (training passes
+        draws keyed to each sample, so a resumed run draws the same), else from ``generator``."""
         self._check_images(images)
+        if noise is not None and noise.shape[0] != images.shape[0]:
+            raise ValueError(f"KLAutoencoder.encode: noise for {noise.shape[0]} samples, images of {images.shape[0]}")
         out = []
-        for chunk in images.split(self.chunk_size):
+        noises = noise.split(self.chunk_size) if noise is not None else [None] * len(images.split(self.chunk_size))
+        for chunk, eps in zip(images.split(self.chunk_size), noises):
             posterior = self.vae.encode(chunk.to(self.dtype)).latent_dist
-            z = posterior.sample(generator=generator) if self.sample_posterior else posterior.mode()
+            if not self.sample_posterior:
+                z = posterior.mode()
+            elif eps is not None:
+                z = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
+            else:
+                z = posterior.sample(generator=generator)
             out.append((z.to(images.dtype) - self.shift) * self.scale)
         return torch.cat(out)
 

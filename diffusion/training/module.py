@@ -29,7 +29,7 @@ from diffusion.training.checkpoint_io import check_adapter, check_frozen_weights
 from diffusion.training.ema import EMA
 from diffusion.training.finite import FiniteLossCheck
 from diffusion.training.optim import OptimConfig, parameter_groups
-from diffusion.training.randomness import StepDraws, draw_step
+from diffusion.training.randomness import StepDraws, draw_step, keyed_normal
 from diffusion.variance import VLB_WEIGHT, check_learned_variance, make_objective
 from diffusion.weighting import LossWeighting, NoWeighting
 
@@ -150,12 +150,24 @@ class DiffusionModule(L.LightningModule):
     def num_classes(self) -> int | None:
         return getattr(self.conditioner, "num_classes", None)
 
-    def latents(self, batch: dict[str, Any]) -> Tensor:
-        """x0 of the diffusion: cached latents, or the batch's images through the autoencoder."""
+    def latents(self, batch: dict[str, Any], key: tuple[int, ...] | None = None) -> Tensor:
+        """x0 of the diffusion: cached latents, or the batch's images through the autoencoder. An
+        autoencoder that draws from its posterior (SD's fine-tunes) draws each sample's noise from
+        ``key`` and its place in the global batch, as the step's other draws (randomness.py)."""
         if "latent" in batch:
             return batch["latent"]
         images = batch["image"]
-        return images if self.autoencoder is None else self.autoencoder.encode(images)
+        if self.autoencoder is None:
+            return images
+        if key is None or not getattr(self.autoencoder, "draws_posterior", False):
+            return self.autoencoder.encode(images)
+        ae = self.autoencoder
+        shape = (ae.latent_channels, images.shape[-2] // ae.downsample_factor, images.shape[-1] // ae.downsample_factor)
+        if self._generator is None or self._generator.device != images.device:
+            self._generator = torch.Generator(device=images.device)
+        noise = keyed_normal(shape, key=key, first_position=self.global_rank * images.shape[0], count=images.shape[0],
+                             generator=self._generator)
+        return ae.encode(images, noise=noise)
 
     def configure_model(self) -> None:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp)
@@ -189,9 +201,9 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._losses.check()
-        x0 = self.latents(batch)
-        draws = self._draws(x0, key=(self.seed, self._batch_position(batch_idx)), drop_probability=self.cond_dropout,
-                            offset_noise=self.offset_noise)
+        key = (self.seed, self._batch_position(batch_idx))
+        x0 = self.latents(batch, key)
+        draws = self._draws(x0, key=key, drop_probability=self.cond_dropout, offset_noise=self.offset_noise)
         cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
                               drop=draws.drop)
         cond = with_time_ids(cond, batch, self.backbone)  # SDXL's image sizes: kept when the caption is dropped
@@ -242,7 +254,7 @@ class DiffusionModule(L.LightningModule):
 
     # --- validation: fixed times and fixed noise ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x0 = self.latents(batch)
+        x0 = self.latents(batch, key=(VALIDATION_KEY, batch_idx))
         cond = with_time_ids(self.conditioner(batch), batch, self.backbone)
         # Noise keyed to each sample's place in the global validation batch, not to the run's seed:
         # the same for every run and every number of processes, so validation losses compare.

@@ -73,3 +73,18 @@ def draw_step(
         noises.append(noise)
     t = time_distribution.finish(torch.cat(times), size=size)  # the deterministic map, once for the batch
     return StepDraws(t, torch.stack(noises), torch.cat(coins) < drop_probability)
+
+
+#: Keys the posterior draws of an autoencoder apart from the step's t, noise and coin.
+POSTERIOR_STREAM = 0x5AE
+
+
+def keyed_normal(shape: tuple[int, ...], *, key: tuple[int, ...], first_position: int, count: int,
+                 generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(count, *shape) standard normal draws, sample i's from a generator seeded with (key, stream,
+    first_position + i): like :func:`draw_step`'s, independent of the processes and of a resume."""
+    out = []
+    for position in range(first_position, first_position + count):
+        generator.manual_seed(sample_seed(*key, POSTERIOR_STREAM, position))
+        out.append(torch.randn(shape, generator=generator, device=generator.device, dtype=dtype))
+    return torch.stack(out)
