@@ -224,15 +224,6 @@ def save_diffusers_lora(backbone: nn.Module, adapter: LoRA, directory: str | Pat
     return directory / "pytorch_lora_weights.safetensors"
 
 
-def _diffusers_unet(backbone: nn.Module, what: str) -> nn.Module:
-    """The diffusers UNet2DConditionModel a DiffusersUNet wraps; other backbones are refused."""
-    unet = getattr(backbone, "unet", None)
-    if type(backbone).__name__ != "DiffusersUNet" or unet is None:
-        raise ValueError(f"{what} is written for a diffusers UNet backbone (backbone=sd15_unet, sd21_unet, "
-                         f"sdxl_unet), not {type(backbone).__name__}")
-    return unet
-
-
 #: The prefix of a UNet LoRA module's keys in kohya's layout (ComfyUI's and sd-scripts' name for the UNet).
 KOHYA_UNET_PREFIX = "lora_unet_"
 
@@ -242,7 +233,10 @@ def kohya_lora_state_dict(backbone: nn.Module, adapter: LoRA) -> dict[str, torch
     (its dotted path with the dots as underscores, after ``lora_unet_``) ``.lora_down.weight`` (peft's
     A), ``.lora_up.weight`` (B) and ``.alpha``, a scalar holding the real alpha: loaders scale the update
     by alpha / rank, the rank read off lora_down's rows."""
-    unet = _diffusers_unet(backbone, "a kohya LoRA file")
+    unet = getattr(backbone, "unet", None)
+    if type(backbone).__name__ != "DiffusersUNet" or unet is None:
+        raise ValueError(f"a kohya LoRA file is written for a diffusers UNet backbone (backbone=sd15_unet, sd21_unet, "
+                         f"sdxl_unet), not {type(backbone).__name__}")
     names = {"lora_A": "lora_down", "lora_B": "lora_up"}
     state: dict[str, torch.Tensor] = {}
     for key, value in lora_state_dict(unet).items():

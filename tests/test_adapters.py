@@ -251,7 +251,8 @@ def _tiny_sd_pipeline(tmp_path: Path, unet_directory: Path):
         vae = AutoencoderKL(**TINY_VAE_CONFIGS["sd"])
     return StableDiffusionPipeline(
         vae=vae, text_encoder=CLIPTextModel.from_pretrained(clip), tokenizer=AutoTokenizer.from_pretrained(clip),
-        unet=UNet2DConditionModel.from_pretrained(unet_directory), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        unet=UNet2DConditionModel.from_pretrained(unet_directory),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

@@ -273,14 +273,14 @@ class EMASharesTheBase(L.Callback):
 
 @pytest.fixture(scope="module")
 def lora_reference(tmp_path_factory):
-    """A base (2 full steps: a fresh DiT's zero-initialised heads would pass a LoRA no gradient), then 3
+    """A base (2 full steps: a fresh DiT's zero-initialised heads would pass a LoRA no gradient), then 4
     LoRA steps from it in one process with global batch 32, validated (with the EMA) after step 2."""
     from tests.conftest import compose_config
 
     root = tmp_path_factory.mktemp("lora_distributed")
     cli.train(compose_config("train", [*FAST, "trainer.max_steps=2"], root / "base"))
-    lora = [*FAST, "global_batch_size=32", "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=1",
-            "adapter=lora", "adapter.rank=4", "adapter.alpha=2", f"adapter.base={root / 'base' / 'checkpoints' / 'last.ckpt'}",
+    base = root / "base" / "checkpoints" / "last.ckpt"
+    lora = [*FAST, "global_batch_size=32", "adapter=lora", "adapter.rank=4", "adapter.alpha=2", f"adapter.base={base}",
             "model.ema_decay=0.5"]
     cli.train(compose_config("train", lora, root / "single"))
     return root, lora
@@ -297,22 +297,30 @@ def _validation_losses(run) -> dict[int, float]:
 def test_lora_on_two_processes_trains_as_one_process(strategy, lora_reference):
     """adapter=lora under DDP (no unused-parameter error: the frozen base is no DDP parameter) and FSDP2
     (the EMA copy keeps sharing the backbone's sharded base, and validates through the backbone with its
-    averages swapped in): the losses, the EMA's validation loss after step 2 (and a step trained after
-    it, on weights put back) and the LoRA weights and their averages are those of one process."""
+    averages swapped in): the losses, the EMA's validation losses (and steps trained after them, on the
+    weights put back) and the LoRA weights and their averages are those of one process. The FSDP2 run
+    stops after step 2 and resumes (its checkpoints leave the base out)."""
     root, lora = lora_reference
-    result = run_script("train.py", f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2", *lora,
-                        "+callbacks.shares._target_=tests.test_distributed.EMASharesTheBase",
-                        f"hydra.run.dir={root / strategy}", cwd=root)
+    launch = ["train.py", f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2", *lora,
+              "+callbacks.shares._target_=tests.test_distributed.EMASharesTheBase", f"hydra.run.dir={root / strategy}"]
+    if strategy == "fsdp":
+        first = run_script(*launch, "+callbacks.stop._target_=tests.conftest.StopAtStep", "+callbacks.stop.step=2",
+                           cwd=root)
+        assert first.returncode == 0, first.stderr[-3000:]
+        launch.append("ckpt_path=last")
+    result = run_script(*launch, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
+    if strategy == "fsdp":  # resumed from step 2, not started again
+        assert "Restoring states from the checkpoint path" in (root / strategy / "train.log").read_text()
     single, multi = logged_losses(root / "single"), logged_losses(root / strategy)
-    assert sorted(multi) == sorted(single) == [0, 1, 2]
+    assert sorted(multi) == sorted(single) == [0, 1, 2, 3]
     for step, loss in single.items():
         assert multi[step] == pytest.approx(loss, rel=1e-6, abs=0) and loss == loss, step  # finite, equal
-    validated = _validation_losses(root / "single")
-    assert list(validated) and _validation_losses(root / strategy) == pytest.approx(validated, rel=1e-6, abs=0)
+    validated, ours = _validation_losses(root / "single"), _validation_losses(root / strategy)
+    assert ours and all(ours[step] == pytest.approx(validated[step], rel=1e-6, abs=0) for step in ours)
     state = torch.load(root / strategy / "checkpoints" / "last.ckpt", weights_only=True)
     reference = torch.load(root / "single" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["global_step"] == reference["global_step"] == 3 and state["adapter"] == reference["adapter"]
+    assert state["global_step"] == reference["global_step"] == 4 and state["adapter"] == reference["adapter"]
     assert state["state_dict"].keys() == reference["state_dict"].keys()
     assert all(".lora_" in k for k in state["state_dict"] if k != "ema.num_updates")  # no base weight saved
     assert any(v.abs().sum() > 0 for k, v in reference["state_dict"].items() if ".lora_B." in k)  # B moved from 0

@@ -111,6 +111,9 @@ class DiffusionModule(L.LightningModule):
         self.base_weights_sha256 = None if self.adapter.trains_base else weights_sha256(backbone)
         backbone = self.adapter.apply(backbone)
         self._base_names = frozenset(() if self.adapter.trains_base else base_parameter_names(backbone))
+        # FSDP2's resume loads the checkpoint into the sharded model by the model's own keys, and would refuse
+        # the base weights a checkpoint leaves out; check_checkpoint has compared every key already.
+        self.strict_loading = self.adapter.trains_base
         self.backbone = backbone
         self.ema = EMA(backbone, ema_decay, trainable_only=not self.adapter.trains_base)
         self.objective: DiffusionObjective = make_objective(backbone, schedule, time_distribution or Uniform(),
@@ -352,8 +355,10 @@ class DiffusionModule(L.LightningModule):
             checkpoint["adapter"] = {"name": self.adapter.name, "base_weights_sha256": self.base_weights_sha256}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Called with the checkpoint Lightning has loaded, before it applies the weights.
-        self.check_checkpoint(checkpoint, "the checkpoint to resume from")
+        # Called with the checkpoint Lightning has loaded, before it applies the weights; FSDP2's strategy
+        # (ModelParallelStrategy) has applied and removed them already (train() checked the file before).
+        if "state_dict" in checkpoint:
+            self.check_checkpoint(checkpoint, "the checkpoint to resume from")
 
     def _frozen_prefixes(self, prefix: str = "") -> tuple[str, ...]:
         return tuple(f"{prefix}{name}." for name in self.frozen_parts())
