@@ -224,6 +224,48 @@ def save_diffusers_lora(backbone: nn.Module, adapter: LoRA, directory: str | Pat
     return directory / "pytorch_lora_weights.safetensors"
 
 
+#: The prefix of a UNet LoRA module's keys in kohya's layout (ComfyUI's and sd-scripts' name for the UNet).
+KOHYA_UNET_PREFIX = "lora_unet_"
+
+
+def kohya_lora_state_dict(backbone: nn.Module, adapter: LoRA) -> dict[str, torch.Tensor]:
+    """The LoRA of a DiffusersUNet in kohya's layout, diffusers-named: per adapted module of the UNet
+    (its dotted path with the dots as underscores, after ``lora_unet_``) ``.lora_down.weight`` (peft's
+    A), ``.lora_up.weight`` (B) and ``.alpha``, a scalar holding the real alpha: loaders scale the update
+    by alpha / rank, the rank read off lora_down's rows."""
+    unet = getattr(backbone, "unet", None)
+    if type(backbone).__name__ != "DiffusersUNet" or unet is None:
+        raise ValueError(f"a kohya LoRA file is written for a diffusers UNet backbone (backbone=sd15_unet, sd21_unet, "
+                         f"sdxl_unet), not {type(backbone).__name__}")
+    names = {"lora_A": "lora_down", "lora_B": "lora_up"}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in lora_state_dict(unet).items():
+        path, _, rest = key.partition(".lora_")
+        part = names[f"lora_{rest.split('.', 1)[0]}"]
+        module = KOHYA_UNET_PREFIX + path.replace(".", "_")
+        state[f"{module}.{part}.weight"] = value
+        state[f"{module}.alpha"] = torch.tensor(float(adapter.alpha))
+    if not state:
+        raise ValueError("the backbone carries no LoRA layers (adapter=lora)")
+    return state
+
+
+def save_kohya_lora(backbone: nn.Module, adapter: LoRA, file: str | Path) -> Path:
+    """The LoRA of a DiffusersUNet as one kohya-layout ``.safetensors`` file (:func:`kohya_lora_state_dict`),
+    which ComfyUI's LoRA loader and diffusers' ``load_lora_weights`` read; rank and alpha also go in
+    sd-scripts' metadata keys."""
+    from safetensors.torch import save_file
+
+    file = Path(file)
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file}: a kohya LoRA file is a .safetensors file; name it <something>.safetensors")
+    state = kohya_lora_state_dict(backbone, adapter)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, file, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(adapter.rank),
+                                     "ss_network_alpha": f"{float(adapter.alpha):g}"})
+    return file
+
+
 def load_base(backbone: nn.Module, adapter: Adapter, read_checkpoint) -> None:
     """Load the EMA backbone weights of ``adapter.base`` (a checkpoint read by ``read_checkpoint``) into
     ``backbone``: the weights the adapter is trained on. A checkpoint that holds no whole backbone (an

@@ -368,6 +368,10 @@ def sample(cfg: DictConfig, *, out_key: str = "out", num_in_name: bool = False) 
     return npz
 
 
+#: The files export.py writes a diffusers UNet's LoRA as (lora_format=).
+LORA_FORMATS = ("diffusers", "kohya")
+
+
 def export(cfg: DictConfig) -> Path:
     """The EMA weights of a checkpoint as ``ema.safetensors``, beside the resolved ``config.yaml``
     that rebuilds the backbone (``build_module(OmegaConf.load(config.yaml)).backbone``).
@@ -375,19 +379,30 @@ def export(cfg: DictConfig) -> Path:
     A LoRA is merged into its base weights there (and config.yaml says adapter=full). A wrapped
     diffusers model (SD's UNet, SD3's or FLUX's transformer) is also written as diffusers saves it,
     ``unet/`` or ``transformer/`` (``from_pretrained`` reads it; the LoRA merged), and its LoRA as
-    diffusers' ``pytorch_lora_weights.safetensors`` (the pipeline's ``load_lora_weights`` reads it).
+    diffusers' ``pytorch_lora_weights.safetensors`` (the pipeline's ``load_lora_weights`` reads it), or
+    with ``lora_format=kohya`` a UNet's LoRA in kohya's layout, ``lora_kohya.safetensors`` (ComfyUI's).
     An adapter's own files are written beside them (Textual Inversion: ``learned_embeds.safetensors``)."""
     from safetensors.torch import save_file
 
-    from diffusion.adapters import LoRA, diffusers_model, merged, save_diffusers_lora
+    from diffusion._checks import check_choice
+    from diffusion.adapters import LoRA, diffusers_model, merged, save_diffusers_lora, save_kohya_lora
 
+    lora_format = cfg.get("lora_format", "diffusers")
+    check_choice("lora_format", lora_format, LORA_FORMATS)
     path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path)
+    backbone, config, written = model.ema.module, dict(model.run_config), ["ema.safetensors", "config.yaml"]
+    unet_lora = isinstance(model.adapter, LoRA) and type(backbone).__name__ == "DiffusersUNet"
+    if lora_format == "kohya" and not unet_lora:  # asked for by name: say why no such file comes
+        raise ValueError(f"lora_format=kohya: checkpoint {path} holds adapter={model.adapter.name} on "
+                         f"{type(backbone).__name__}; the kohya file is written for adapter=lora on a diffusers "
+                         "UNet (backbone=sd15_unet, sd21_unet, sdxl_unet); leave lora_format out")
     out = Path(cfg.out) if cfg.out else run_of(path) / "export"
     out.mkdir(parents=True, exist_ok=True)
-    backbone, config, written = model.ema.module, dict(model.run_config), ["ema.safetensors", "config.yaml"]
     if isinstance(model.adapter, LoRA):
-        if diffusers_model(backbone) is not None:
+        if unet_lora and lora_format == "kohya":
+            written.append(save_kohya_lora(backbone, model.adapter, out / "lora_kohya.safetensors").name)
+        elif diffusers_model(backbone) is not None:
             written.append(save_diffusers_lora(backbone, model.adapter, out).name)
         backbone, config["adapter"] = merged(backbone), {"_target_": "diffusion.adapters.Full"}
     written += [p.name for p in model.adapter.write_outputs(model, out)]

@@ -213,6 +213,11 @@ def test_export_merges_the_lora_into_the_base(lora_runs, tmp_path):
     out = cli.export(compose_config("export", [f"ckpt={path}", f"out={tmp_path / 'export'}"], tmp_path))
     config = OmegaConf.load(out / "config.yaml")
     assert config.adapter._target_ == "diffusion.adapters.Full"
+    with pytest.raises(ValueError, match="lora_format=kohya: .* adapter=lora on DiT.*diffusers UNet"):
+        cli.export(compose_config("export", [f"ckpt={path}", f"out={tmp_path / 'no'}", "lora_format=kohya"], tmp_path))
+    with pytest.raises(ValueError, match="lora_format='comfy' is not supported; allowed values: 'diffusers', 'kohya'"):
+        cli.export(compose_config("export", [f"ckpt={path}", "lora_format=comfy"], tmp_path))
+    assert not (tmp_path / "no").exists()
     plain = cli.build_module(config).backbone
     plain.load_state_dict(load_file(out / "ema.safetensors"))  # the plain backbone's names, every one
     x, t = _randn(3, 1, 8, 8, seed=4), torch.tensor([0.2, 0.5, 0.9])
@@ -235,35 +240,101 @@ def test_merged_is_the_unmerged_model():
 
 
 # --- diffusers loads our file ----------------------------------------------------------------------
-def test_a_stable_diffusion_pipeline_loads_our_lora_file_and_gives_our_output(tmp_path):
+def _tiny_sd_pipeline(tmp_path: Path, unet_directory: Path):
+    """A tiny StableDiffusionPipeline around the UNet saved in ``unet_directory`` (random VAE and CLIP)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    clip = save_tiny_hf("clip_text", tmp_path / "clip")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(**TINY_VAE_CONFIGS["sd"])
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=CLIPTextModel.from_pretrained(clip), tokenizer=AutoTokenizer.from_pretrained(clip),
+        unet=UNet2DConditionModel.from_pretrained(unet_directory),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _pipeline_loads_and_matches(tmp_path: Path, backbone, load) -> None:
+    """``load(pipe)`` applies our file to a pipeline of the base UNet; its UNet then gives our output."""
+    pipe = _tiny_sd_pipeline(tmp_path, tmp_path / "unet")
+    x, t, cond = _unet_inputs()
+    steps = backbone.timestep(t)
+    with torch.no_grad():
+        before = pipe.unet(x, steps, encoder_hidden_states=cond.tokens).sample
+        load(pipe)
+        theirs = pipe.unet(x, steps, encoder_hidden_states=cond.tokens).sample
+        ours = backbone(x, t, cond)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, ours, atol=1e-3)  # the file was applied
+
+
+def test_a_stable_diffusion_pipeline_loads_our_lora_file_and_gives_our_output(tmp_path):
     backbone = _unet(tmp_path / "unet", seed=4)
     adapter = LoRA(rank=4, alpha=2.0)  # alpha != rank: a loader that assumed alpha = r would scale by 1, not 1/2
     adapter.apply(backbone)
     _randomise_lora(backbone, seed=5)
     file = save_diffusers_lora(backbone, adapter, tmp_path / "lora")
     assert file.name == "pytorch_lora_weights.safetensors"
+    _pipeline_loads_and_matches(tmp_path, backbone, lambda pipe: pipe.load_lora_weights(tmp_path / "lora"))
 
-    clip = save_tiny_hf("clip_text", tmp_path / "clip")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(**TINY_VAE_CONFIGS["sd"])
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=CLIPTextModel.from_pretrained(clip), tokenizer=AutoTokenizer.from_pretrained(clip),
-        unet=UNet2DConditionModel.from_pretrained(tmp_path / "unet"), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    x, t, cond = _unet_inputs()
-    steps = backbone.timestep(t)
-    with torch.no_grad():
-        before = pipe.unet(x, steps, encoder_hidden_states=cond.tokens).sample
-        pipe.load_lora_weights(tmp_path / "lora")
-        theirs = pipe.unet(x, steps, encoder_hidden_states=cond.tokens).sample
-        ours = backbone(x, t, cond)
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(before, ours, atol=1e-3)  # the file was applied
+
+# The kohya layout by hand, for TINY_SD_UNET: one cross-attention down block, the mid block, one
+# cross-attention up block of layers_per_block + 1 = 2 attentions, each of one transformer block.
+KOHYA_EXPECTED = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0":
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
+    "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k":
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k",
+}
+
+
+def test_the_kohya_file_has_kohyas_key_layout_and_the_real_alpha(tmp_path):
+    from safetensors import safe_open
+
+    from diffusion.adapters import save_kohya_lora
+
+    backbone = _unet(seed=4)
+    adapter = LoRA(rank=4, alpha=2.0)
+    adapter.apply(backbone)
+    _randomise_lora(backbone, seed=5)
+    file = save_kohya_lora(backbone, adapter, tmp_path / "kohya.safetensors")
+    with safe_open(file, "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    # 4 transformer blocks x 2 attentions x 4 projections, each with down, up and alpha.
+    assert len(state) == 4 * 2 * 4 * 3
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in state)
+    for module, path in KOHYA_EXPECTED.items():
+        layer = backbone.unet.get_submodule(path)
+        assert torch.equal(state[f"{module}.lora_down.weight"], layer.lora_A["default"].weight)  # (rank, in)
+        assert torch.equal(state[f"{module}.lora_up.weight"], layer.lora_B["default"].weight)  # (out, rank)
+        assert state[f"{module}.lora_down.weight"].shape[0] == 4
+        assert state[f"{module}.alpha"].shape == () and state[f"{module}.alpha"].item() == 2.0
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2"
+    with pytest.raises(ValueError, match="a diffusers UNet backbone.*not DiT"):
+        save_kohya_lora(LoRA().apply(build_dit(name="dit_tiny", in_channels=1)), adapter, tmp_path / "dit.safetensors")
+
+
+def test_a_stable_diffusion_pipeline_loads_our_kohya_file_and_gives_our_output(tmp_path):
+    """diffusers converts the kohya keys itself (its non-diffusers LoRA path), alpha read from the file."""
+    from diffusion.adapters import save_kohya_lora
+
+    backbone = _unet(tmp_path / "unet", seed=4)
+    # alpha != rank (a wrong alpha fails), and beyond the attention projections: linears of the feed-forward
+    # and the resnets' time projection and convolutions, whose underscored names diffusers has to undo.
+    adapter = LoRA(rank=4, alpha=3.0, targets=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2",
+                                               "time_emb_proj", "conv1"])
+    adapter.apply(backbone)
+    _randomise_lora(backbone, seed=6)
+    file = save_kohya_lora(backbone, adapter, tmp_path / "kohya" / "my_lora.safetensors")
+    _pipeline_loads_and_matches(tmp_path, backbone,
+                                lambda pipe: pipe.load_lora_weights(file.parent, weight_name=file.name))
 
 
 # --- the config group --------------------------------------------------------------------------------
@@ -313,3 +384,17 @@ def test_a_stable_diffusion_lora_fine_tune_exports_diffusers_files(tmp_path):
         for unet in (lora_unet, merged_unet, saved):
             torch.testing.assert_close(unet(x, steps, cond.tokens).sample, ours, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(base, ours, atol=1e-4)  # the LoRA was trained away from zero
+    # lora_format=kohya: the same tensors under kohya's names (the file itself is checked against
+    # diffusers' loader above), with alpha 1 of rank 2.
+    kohya = cli.export(compose_config("export", [f"ckpt={ckpt}", f"out={tmp_path / 'kohya'}", "lora_format=kohya"],
+                                      tmp_path))
+    assert not (kohya / "pytorch_lora_weights.safetensors").exists()
+    theirs, written = load_file(out / "pytorch_lora_weights.safetensors"), load_file(kohya / "lora_kohya.safetensors")
+    expected = {}
+    for key, value in theirs.items():
+        path, part = key.removeprefix("unet.").rsplit(".lora_", 1)
+        module = "lora_unet_" + path.replace(".", "_")
+        expected[f"{module}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value
+        expected[f"{module}.alpha"] = torch.tensor(1.0)
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], v) for k, v in expected.items())

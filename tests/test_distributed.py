@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
 
@@ -257,3 +258,71 @@ def test_the_sbatch_template_runs_on_a_fresh_checkout(tmp_path):
     (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
     rc, log = submit("4344")
     assert rc == 0 and "venv python train.py trainer=ddp" in log, log[-3000:]
+
+
+class EMASharesTheBase(L.Callback):
+    """A callback (by its Hydra path) that fails a LoRA run whose EMA copy holds a base of its own:
+    under FSDP2 too, its fixed parameters must be the backbone's (sharded) ones, one copy per process."""
+
+    def on_train_start(self, trainer, module) -> None:
+        ours, theirs = dict(module.backbone.named_parameters()), dict(module.ema.module.named_parameters())
+        base = [n for n, p in ours.items() if not p.requires_grad]
+        assert base and all(theirs[n] is ours[n] for n in base), "the EMA copy holds its own base weights"
+        assert all(theirs[n] is not p for n, p in ours.items() if p.requires_grad)  # its averages are its own
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+    """A base (2 full steps: a fresh DiT's zero-initialised heads would pass a LoRA no gradient), then 4
+    LoRA steps from it in one process with global batch 32, validated (with the EMA) after step 2."""
+    from tests.conftest import compose_config
+
+    root = tmp_path_factory.mktemp("lora_distributed")
+    cli.train(compose_config("train", [*FAST, "trainer.max_steps=2"], root / "base"))
+    base = root / "base" / "checkpoints" / "last.ckpt"
+    lora = [*FAST, "global_batch_size=32", "adapter=lora", "adapter.rank=4", "adapter.alpha=2", f"adapter.base={base}",
+            "model.ema_decay=0.5"]
+    cli.train(compose_config("train", lora, root / "single"))
+    return root, lora
+
+
+def _validation_losses(run) -> dict[int, float]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_on_two_processes_trains_as_one_process(strategy, lora_reference):
+    """adapter=lora under DDP (no unused-parameter error: the frozen base is no DDP parameter) and FSDP2
+    (the EMA copy keeps sharing the backbone's sharded base, and validates through the backbone with its
+    averages swapped in): the losses, the EMA's validation losses (and steps trained after them, on the
+    weights put back) and the LoRA weights and their averages are those of one process. The FSDP2 run
+    stops after step 2 and resumes (its checkpoints leave the base out)."""
+    root, lora = lora_reference
+    launch = ["train.py", f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2", *lora,
+              "+callbacks.shares._target_=tests.test_distributed.EMASharesTheBase", f"hydra.run.dir={root / strategy}"]
+    if strategy == "fsdp":
+        first = run_script(*launch, "+callbacks.stop._target_=tests.conftest.StopAtStep", "+callbacks.stop.step=2",
+                           cwd=root)
+        assert first.returncode == 0, first.stderr[-3000:]
+        launch.append("ckpt_path=last")
+    result = run_script(*launch, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if strategy == "fsdp":  # resumed from step 2, not started again
+        assert "Restoring states from the checkpoint path" in (root / strategy / "train.log").read_text()
+    single, multi = logged_losses(root / "single"), logged_losses(root / strategy)
+    assert sorted(multi) == sorted(single) == [0, 1, 2, 3]
+    for step, loss in single.items():
+        assert multi[step] == pytest.approx(loss, rel=1e-6, abs=0) and loss == loss, step  # finite, equal
+    validated, ours = _validation_losses(root / "single"), _validation_losses(root / strategy)
+    assert ours and all(ours[step] == pytest.approx(validated[step], rel=1e-6, abs=0) for step in ours)
+    state = torch.load(root / strategy / "checkpoints" / "last.ckpt", weights_only=True)
+    reference = torch.load(root / "single" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == reference["global_step"] == 4 and state["adapter"] == reference["adapter"]
+    assert state["state_dict"].keys() == reference["state_dict"].keys()
+    assert all(".lora_" in k for k in state["state_dict"] if k != "ema.num_updates")  # no base weight saved
+    assert any(v.abs().sum() > 0 for k, v in reference["state_dict"].items() if ".lora_B." in k)  # B moved from 0
+    for name, value in reference["state_dict"].items():
+        torch.testing.assert_close(state["state_dict"][name], value, rtol=0, atol=1e-6, msg=name)

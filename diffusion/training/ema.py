@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -13,7 +15,9 @@ class EMA(nn.Module):
     warm-up ``decay_n = min(decay, (1 + n) / (10 + n))`` (TensorFlow's ExponentialMovingAverage
     with num_updates, as in latent diffusion's LitEma): early averages forget the random
     initialisation quickly. The averaged copy and ``n`` are saved with the module's state.
-    Under FSDP2 the copy is sharded like the model, and each process averages its own shards."""
+    Under FSDP2 the copy is sharded like the model, and each process averages its own shards; a
+    ``trainable_only`` copy instead holds the model's own sharded base and runs through the model
+    (:meth:`share_sharded`, :meth:`applied`)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, trainable_only: bool = False):
         """``trainable_only`` (an adapter fixes the base weights): the copy shares the model's
@@ -29,6 +33,7 @@ class EMA(nn.Module):
         # without reading the buffer from the device, which would make the host wait every step.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._num_updates = 0
+        self._runs_through_model = False  # share_sharded: the copy holds no base of its own to run on
         self.register_load_state_dict_post_hook(_count_from_loaded_buffer)
 
     def current_decay(self) -> float:
@@ -51,6 +56,56 @@ class EMA(nn.Module):
             ema_buffer.copy_(_whole(buffer))
         self.num_updates += 1
         self._num_updates += 1
+
+    def share_sharded(self, model: nn.Module) -> None:
+        """Under FSDP2, for a ``trainable_only`` copy of ``model`` (sharded with fully_shard): the copy's
+        fixed parameters become ``model``'s sharded ones and its averages DTensors sharded as ``model``'s
+        trainable parameters. The base is then held once: sharding the copy by itself would give it
+        shards of its own (FSDP2 replaces a module's parameters by new ones, so the copy's would no longer
+        be the model's). Such a copy is not run itself but through ``model`` (:meth:`applied`)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        if not self.trainable_only:
+            raise ValueError("share_sharded is for an EMA of the trainable parameters alone (trainable_only=True)")
+        for (name, ema_param), (other, param) in zip(list(self.module.named_parameters()), model.named_parameters()):
+            if name != other or not hasattr(param, "placements"):
+                raise ValueError(f"the EMA copy and the model differ ({name} / {other}), or {other} is not sharded; "
+                                 "shard the model with fully_shard first")
+            if param.requires_grad:  # the average so far, in the model's layout (each process keeps its shard)
+                value = distribute_tensor(ema_param.detach().to(param.dtype), param.device_mesh, param.placements)
+                param = nn.Parameter(value, requires_grad=False)
+            owner, _, attr = name.rpartition(".")
+            setattr(self.module.get_submodule(owner), attr, param)
+        self._runs_through_model = True
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The module that computes the EMA weights' output: the copy, or for a copy that shares a sharded
+        model's base (:meth:`share_sharded`) ``model`` itself with the averages in its trainable
+        parameters' place (local shards swapped, no communication), put back on leaving."""
+        if not self._runs_through_model:
+            yield self.module
+            return
+        # FSDP2 keeps the root's parameters gathered after a forward (for its backward): gathered copies
+        # would not see the swap, nor the swap's undoing, so they are freed before and after.
+        reshard = getattr(model, "reshard", lambda: None)
+        reshard()
+        training = model.training
+        model.eval()  # as the copy always is (no dropout)
+        with torch.no_grad():
+            pairs = [(e.to_local(), p.to_local()) for e, p in zip(self.module.parameters(), model.parameters())
+                     if p.requires_grad]
+            kept = [p.clone() for _, p in pairs]
+            for average, param in pairs:
+                param.copy_(average)
+        try:
+            yield model
+        finally:
+            reshard()
+            model.train(training)
+            with torch.no_grad():
+                for (_, param), value in zip(pairs, kept):
+                    param.copy_(value)
 
     def train(self, mode: bool = True) -> "EMA":
         super().train(mode)

@@ -111,6 +111,9 @@ class DiffusionModule(L.LightningModule):
         self.base_weights_sha256 = None if self.adapter.trains_base else weights_sha256(backbone)
         backbone = self.adapter.apply(backbone)
         self._base_names = frozenset(() if self.adapter.trains_base else base_parameter_names(backbone))
+        # FSDP2's resume loads the checkpoint into the sharded model by the model's own keys, and would refuse
+        # the base weights a checkpoint leaves out; check_checkpoint has compared every key already.
+        self.strict_loading = self.adapter.trains_base
         self.backbone = backbone
         self.ema = EMA(backbone, ema_decay, trainable_only=not self.adapter.trains_base)
         self.objective: DiffusionObjective = make_objective(backbone, schedule, time_distribution or Uniform(),
@@ -179,9 +182,13 @@ class DiffusionModule(L.LightningModule):
 
             # The EMA copy is sharded like the backbone: each process averages its own shards, with
             # no communication and 1/world of the memory; validation and sampling gather its blocks
-            # on every process together, as training does.
+            # on every process together, as training does. An adapter's copy shares the fixed base:
+            # it takes the backbone's shards of it and runs through the backbone (EMA.share_sharded).
             fully_shard_by_block(self.backbone, mesh["data_parallel"])
-            fully_shard_by_block(self.ema.module, mesh["data_parallel"], forward_only=True)
+            if self.adapter.trains_base:
+                fully_shard_by_block(self.ema.module, mesh["data_parallel"], forward_only=True)
+            else:
+                self.ema.share_sharded(self.backbone)
             self._sharded = True
         if self.compile:  # in place: parameter names, and so checkpoints, stay those of the eager model
             self.backbone.compile(**self.compile_kwargs)
@@ -258,12 +265,13 @@ class DiffusionModule(L.LightningModule):
         # Noise keyed to each sample's place in the global validation batch, not to the run's seed:
         # the same for every run and every number of processes, so validation losses compare.
         noise = self._draws(x0, key=(VALIDATION_KEY, batch_idx), drop_probability=0.0).noise
-        model = partial(self.model(self.ema.module), cond=cond)
         losses = []
-        for t, name in zip(self.val_t, self._val_names):
-            out = self.objective(model, x0, t=t.expand(x0.shape[0]), noise=noise)
-            losses.append(out.loss)
-            self.log(name, out.loss, batch_size=x0.shape[0], sync_dist=True)
+        with self.ema.applied(self.backbone) as averaged:
+            model = partial(self.model(averaged), cond=cond)
+            for t in self.val_t:
+                losses.append(self.objective(model, x0, t=t.expand(x0.shape[0]), noise=noise).loss)
+        for loss, name in zip(losses, self._val_names):
+            self.log(name, loss, batch_size=x0.shape[0], sync_dist=True)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
 
     # --- sampling -----------------------------------------------------------------------
@@ -293,19 +301,20 @@ class DiffusionModule(L.LightningModule):
         s = self.sampling
         cond = self.conditioner.make(condition, num, self.device)
         scale = s.cfg_scale if cfg_scale is None else cfg_scale
-        backbone = self.model(autocast_backbone(self.ema.module, self.device, precision))
-        model = ClassifierFreeGuidance(backbone, cond, self.conditioner.null(num, self.device), scale)
-        times = (grid or s.grid)(steps or s.steps)
-        x = randn((num, *self.image_shape), generator, self.device, torch.float32)
-        if (prior_std := self.schedule.prior_std(times[0].item())) != 1:  # a variance-exploding path
-            x = x * prior_std
-        solve = get_sampler(sampler or s.sampler)
-        if getattr(getattr(solve, "func", solve), "needs_learned_variance", False):  # ddpm_learned
-            check_learned_variance(self.ema.module, self.schedule, f"sampler={getattr(solve, '__name__', 'ddpm_learned')}")
-        kwargs: dict[str, Any] = {} if eta is None else {"eta": eta}
-        if _takes(solve, "generator"):  # the stochastic samplers (ancestral, ddim with eta > 0) draw from it
-            kwargs["generator"] = generator
-        x = solve(model, self.schedule, x, times, progress=progress, **kwargs)
+        with self.ema.applied(self.backbone) as averaged:  # the EMA weights' module
+            backbone = self.model(autocast_backbone(averaged, self.device, precision))
+            model = ClassifierFreeGuidance(backbone, cond, self.conditioner.null(num, self.device), scale)
+            times = (grid or s.grid)(steps or s.steps)
+            x = randn((num, *self.image_shape), generator, self.device, torch.float32)
+            if (prior_std := self.schedule.prior_std(times[0].item())) != 1:  # a variance-exploding path
+                x = x * prior_std
+            solve = get_sampler(sampler or s.sampler)
+            if getattr(getattr(solve, "func", solve), "needs_learned_variance", False):  # ddpm_learned
+                check_learned_variance(averaged, self.schedule, f"sampler={getattr(solve, '__name__', 'ddpm_learned')}")
+            kwargs: dict[str, Any] = {} if eta is None else {"eta": eta}
+            if _takes(solve, "generator"):  # the stochastic samplers (ancestral, ddim with eta > 0) draw from it
+                kwargs["generator"] = generator
+            x = solve(model, self.schedule, x, times, progress=progress, **kwargs)
         return self.autoencoder.decode(x) if decode and self.autoencoder is not None else x
 
     # --- optimiser ------------------------------------------------------------------------
@@ -349,8 +358,10 @@ class DiffusionModule(L.LightningModule):
             checkpoint["adapter"] = {"name": self.adapter.name, "base_weights_sha256": self.base_weights_sha256}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Called with the checkpoint Lightning has loaded, before it applies the weights.
-        self.check_checkpoint(checkpoint, "the checkpoint to resume from")
+        # Called with the checkpoint Lightning has loaded, before it applies the weights; FSDP2's strategy
+        # (ModelParallelStrategy) has applied and removed them already (train() checked the file before).
+        if "state_dict" in checkpoint:
+            self.check_checkpoint(checkpoint, "the checkpoint to resume from")
 
     def _frozen_prefixes(self, prefix: str = "") -> tuple[str, ...]:
         return tuple(f"{prefix}{name}." for name in self.frozen_parts())
