@@ -110,3 +110,42 @@ def test_the_wrapped_backbone_options_expose_gradient_checkpointing(option):
     if "defaults" in cfg:  # sd21/sdxl build on sd15's file
         cfg = OmegaConf.merge(OmegaConf.load(Path(CONF) / "backbone" / "sd15_unet.yaml"), cfg)
     assert cfg.gradient_checkpointing is False
+
+
+# --- 8-bit AdamW --------------------------------------------------------------------------------
+def test_adamw_8bit_follows_torch_adamw_closely_with_8_bit_moments():
+    pytest.importorskip("bitsandbytes")
+    from diffusion.training.optim import adamw_8bit, parameter_groups
+
+    def run(make) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+        x, y = _randn(32, 128, seed=1), _randn(32, 8, seed=2)
+        optimizer = make(parameter_groups(model))
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for _ in range(5):
+            (model(x) - y).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return {n: p.detach() - start[n] for n, p in model.named_parameters()}, optimizer
+
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    expected, _ = run(lambda groups: torch.optim.AdamW(groups, **settings))
+    got, optimizer = run(lambda groups: adamw_8bit(groups, **settings))
+    for name in expected:  # the 5 updates: within the moments' quantisation error, and not exactly equal
+        error = (got[name] - expected[name]).norm() / expected[name].norm()
+        assert error < 0.03, (name, error)
+    weight = optimizer.param_groups[0]["params"][0]  # 128 x 64 = 8192 >= min_8bit_size: 8-bit moments
+    assert weight.numel() == 8192 and optimizer.state[weight]["state1"].dtype == torch.uint8
+    assert not torch.equal(got["0.weight"], expected["0.weight"])
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0  # our groups pass through
+
+
+def test_adamw_8bit_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from diffusion.training.optim import adamw_8bit
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now fails
+    with pytest.raises(ValueError, match="pip install 'bitsandbytes>=0.50'"):
+        adamw_8bit([torch.nn.Parameter(torch.zeros(3))])
