@@ -149,3 +149,77 @@ def test_adamw_8bit_without_bitsandbytes_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now fails
     with pytest.raises(ValueError, match="pip install 'bitsandbytes>=0.50'"):
         adamw_8bit([torch.nn.Parameter(torch.zeros(3))])
+
+
+# --- bf16 base weights --------------------------------------------------------------------------
+def _lora_module(kind: str, base_dtype: str):
+    from diffusion.schedules import DDPM
+    from diffusion.training.module import DiffusionModule
+
+    targets = None if kind == "unet" else ["to_q", "to_k", "to_v"]
+    module = DiffusionModule(_backbone(kind), DDPM("scaled_linear", "eps"),
+                             adapter=LoRA(rank=2, alpha=4.0, targets=targets, base_dtype=base_dtype))
+    g = torch.Generator().manual_seed(5)  # the same random LoRA in both, so that it shows in the output
+    with torch.no_grad():
+        for name, p in module.backbone.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_base_weights_halve_their_memory_and_keep_a_float32_lora_that_trains(kind):
+    full, half = _lora_module(kind, "float32"), _lora_module(kind, "bfloat16")
+    base = [p for p in half.backbone.parameters() if not p.requires_grad]
+    lora = [p for p in half.backbone.parameters() if p.requires_grad]
+    assert base and lora and all(p.dtype == torch.bfloat16 for p in base)
+    assert all(p.dtype == torch.float32 for p in lora)
+    assert 2 * _bytes(base) == _bytes(p for p in full.backbone.parameters() if not p.requires_grad)
+    ema_base = [p for n, p in half.ema.module.named_parameters() if ".lora_" not in n]
+    assert {id(p) for p in ema_base} == {id(p) for p in base}  # the EMA copy shares them: no second copy
+    # The output: within bf16's rounding of float32's (8 bits of mantissa, about 0.4% per weight).
+    x, t, cond = _inputs(kind)
+    with torch.no_grad():
+        expected, got = full.backbone(x, t, cond), half.backbone(x, t, cond)
+    assert got.dtype == torch.float32 and not torch.equal(got, expected)
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    # The LoRA trains in float32: float32 gradients, and the optimiser's state in float32.
+    optimizer = half.configure_optimizers()["optimizer"]
+    start = [p.detach().clone() for p in lora]
+    half.backbone(x, t, cond).square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+    optimizer.step()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+    assert any(not torch.equal(p, s) for p, s in zip(lora, start))
+    assert all(p.grad is None for p in base)
+
+
+def test_a_bf16_run_loads_its_own_checkpoints_and_names_the_dtype_of_another():
+    half = _lora_module("unet", "bfloat16")
+    checkpoint = {"state_dict": half.state_dict()}
+    half.on_save_checkpoint(checkpoint)
+    assert checkpoint["adapter"]["base_dtype"] == "bfloat16"
+    _lora_module("unet", "bfloat16").check_checkpoint(checkpoint, "ckpt")  # its own: accepted
+    full = _lora_module("unet", "float32")
+    assert full.base_weights_sha256 == half.base_weights_sha256  # hashed as built, before the cast
+    with pytest.raises(ValueError, match="stored in bfloat16, this model stores them in float32.*"
+                                         "adapter.base_dtype=bfloat16"):
+        full.check_checkpoint(checkpoint, "ckpt")
+    # The saved LoRA weights are float32; the base weights are not saved at all.
+    assert all(v.dtype == torch.float32 for k, v in checkpoint["state_dict"].items() if ".lora_" in k)
+    assert not any(k.startswith("backbone.") and ".lora_" not in k for k in checkpoint["state_dict"])
+
+
+def test_bf16_base_weights_are_refused_for_a_backbone_that_computes_in_float32():
+    from diffusion.backbones import build_dit
+    from diffusion.adapters import Frozen
+
+    dit = build_dit(name="dit_tiny", in_channels=1, num_classes=10)
+    with pytest.raises(ValueError, match="adapter.base_dtype=bfloat16: DiT computes in its inputs' dtype"):
+        LoRA(base_dtype="bfloat16").apply(dit)
+    with pytest.raises(ValueError, match="adapter.base_dtype='float16' is not supported"):
+        Frozen(base_dtype="float16")
