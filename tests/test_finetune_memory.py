@@ -223,3 +223,20 @@ def test_bf16_base_weights_are_refused_for_a_backbone_that_computes_in_float32()
         LoRA(base_dtype="bfloat16").apply(dit)
     with pytest.raises(ValueError, match="adapter.base_dtype='float16' is not supported"):
         Frozen(base_dtype="float16")
+
+
+def test_a_bf16_text_encoder_holds_half_the_bytes_and_gives_float32_close_to_float32s(tmp_path):
+    from diffusion.encoders import HFTextEncoder
+    from tests.tiny_encoders import save_tiny_hf
+
+    path = save_tiny_hf("clip", tmp_path / "clip")
+    full, half = HFTextEncoder(str(path), max_length=8), HFTextEncoder(str(path), max_length=8, dtype="bfloat16")
+    assert 2 * _bytes(half.parameters()) == _bytes(full.parameters())
+    assert half.fingerprint()["dtype"] == "bfloat16" != full.fingerprint()["dtype"]  # caches tell them apart
+    expected, got = full(["a red circle", "a cat"]), half(["a red circle", "a cat"])
+    for field in ("tokens", "pooled"):
+        a, b = getattr(expected, field), getattr(got, field)
+        assert b.dtype == torch.float32 and not torch.equal(a, b)
+        assert (a - b).abs().max() <= 0.05 * a.abs().max(), field
+    with pytest.raises(ValueError, match="text_encoder.dtype='int8' is not supported"):
+        HFTextEncoder(str(path), dtype="int8")
