@@ -240,3 +240,47 @@ def test_a_bf16_text_encoder_holds_half_the_bytes_and_gives_float32_close_to_flo
         assert (a - b).abs().max() <= 0.05 * a.abs().max(), field
     with pytest.raises(ValueError, match="text_encoder.dtype='int8' is not supported"):
         HFTextEncoder(str(path), dtype="int8")
+
+
+# --- all of them from the command line ----------------------------------------------------------
+def test_a_lora_fine_tune_with_every_memory_option_trains_and_resumes(tmp_path):
+    """experiment=finetune_sd15 with LoRA, gradient checkpointing, bf16 base weights, a bf16 text encoder
+    and (when bitsandbytes is installed) 8-bit AdamW: it trains, its checkpoint resumes, sample.py's
+    loading rebuilds the bf16 base."""
+    import importlib.util
+
+    from diffusion import cli
+    from tests.conftest import FAST, compose_config
+    from tests.make_captioned_folder import make_captioned_folder
+    from tests.tiny_encoders import save_tiny_hf, save_tiny_sd_unet
+
+    save_tiny_sd_unet(tmp_path / "unet", seed=1)
+    clip = save_tiny_hf("clip_text", tmp_path / "clip")
+    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size", "trainer.max_steps"))]
+    eight_bit = importlib.util.find_spec("bitsandbytes") is not None
+    optimiser = ["model.optim.optimizer._target_=diffusion.training.optim.adamw_8bit",
+                 "+model.optim.optimizer.min_8bit_size=1"] if eight_bit else []  # tiny tensors: 8 bits too
+    overrides = [
+        *fast, "experiment=finetune_sd15", f"backbone.pretrained={tmp_path / 'unet'}", "vae=tiny_sd",
+        f"text_encoder.pretrained={clip}", "text_encoder.max_length=16", f"data.module.root={images}",
+        "data.module.resolution=64", "data.module.batch_size=2", "data.module.num_workers=0",
+        "adapter=lora", "adapter.rank=2", "adapter.base_dtype=bfloat16", "backbone.gradient_checkpointing=true",
+        "text_encoder.dtype=bfloat16", "callbacks.checkpoint.every_n_train_steps=1", *optimiser,
+    ]
+    cli.train(compose_config("train", [*overrides, "trainer.max_steps=2"], tmp_path / "run"))
+    cli.train(compose_config("train", [*overrides, "trainer.max_steps=3", "ckpt_path=last"], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == 3 and saved["adapter"]["base_dtype"] == "bfloat16"
+    state = saved["optimizer_states"][0]["state"]
+    if eight_bit:  # bitsandbytes' layout; step 3: the resumed run went on from the saved moments
+        quantised = [s["__bnb_optimizer_quant_state__"] for s in state.values()]
+        assert state and all(q["state1"].dtype == q["state2"].dtype == torch.uint8 for q in quantised)
+        assert all(s["step"] == 3 for s in state.values())
+    model = cli.load_module(ckpt)
+    assert model.backbone.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in model.backbone.named_parameters() if ".lora_" in n)
+    assert model.backbone.unet.down_blocks[0].gradient_checkpointing
+    images = model.sample(1, ["a red circle"], steps=2)
+    assert torch.isfinite(images).all()
