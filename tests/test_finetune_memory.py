@@ -284,3 +284,12 @@ def test_a_lora_fine_tune_with_every_memory_option_trains_and_resumes(tmp_path):
     assert model.backbone.unet.down_blocks[0].gradient_checkpointing
     images = model.sample(1, ["a red circle"], steps=2)
     assert torch.isfinite(images).all()
+    # export.py merges the LoRA into the float32 base as released, not into its bf16 copy.
+    from safetensors.torch import load_file
+
+    from tests.tiny_encoders import tiny_sd_unet
+
+    out = cli.export(compose_config("export", [f"ckpt={ckpt}", f"out={tmp_path / 'export'}"], tmp_path))
+    exported, released = load_file(out / "ema.safetensors"), tiny_sd_unet(seed=1).state_dict()
+    assert exported["unet.conv_in.weight"].dtype == torch.float32
+    torch.testing.assert_close(exported["unet.conv_in.weight"], released["conv_in.weight"], rtol=0, atol=0)
