@@ -23,7 +23,7 @@ in the same processes; ``--threads`` intra-op threads (1 by default: the shared 
 second thread wait on its neighbours). The configurations run in turn ``--rounds`` times, alternating
 the order; printed are the medians.
 
-    python benchmarks/finetune_memory.py                       (about 8 minutes on 2 cores)
+    python benchmarks/finetune_memory.py                       (about 3 minutes on 2 cores)
     python benchmarks/finetune_memory.py [--rounds 3] [--steps 3] [--warmup 1] [--batch 2] [--size 32]
                                          [--threads 1] [--checkpointing] [--bf16-base] [--tiny]
 """
