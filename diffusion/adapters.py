@@ -44,12 +44,20 @@ DIFFUSERS_MODELS: dict[str, tuple[str, str, str]] = {
 ADALN_TARGETS: dict[str, tuple[str, ...]] = {"DiT": ("adaLN_modulation.1",)}
 
 
+#: The dtypes the fixed base weights of an adapter may be stored in (``adapter.base_dtype``).
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: The backbones that cast their inputs to their weights' dtype (and their output back), so that their
+#: base weights may be stored in bf16: the wrapped diffusers models.
+CASTING_BACKBONES = ("DiffusersUNet", "SD3Transformer", "FluxTransformer")
+
+
 class Adapter:
     """Full fine-tuning; subclasses fix the base weights and say what trains instead."""
 
     name = "full"
     trains_base = True  # every backbone weight trains: checkpoints hold them all, as before adapters existed
     base: str | None = None  # a checkpoint of this project whose EMA backbone is the base (build_module)
+    base_dtype: str = "float32"  # what the fixed base weights are stored in (Frozen, LoRA)
 
     def apply(self, backbone: nn.Module) -> nn.Module:
         """The backbone to train (changed in place)."""
@@ -80,11 +88,12 @@ class Frozen(Adapter):
     name = "frozen"
     trains_base = False
 
-    def __init__(self, base: str | None = None) -> None:
+    def __init__(self, base: str | None = None, base_dtype: str = "float32") -> None:
         self.base = base
+        self.base_dtype = _check_base_dtype(base_dtype)
 
     def apply(self, backbone: nn.Module) -> nn.Module:
-        return backbone.requires_grad_(False)
+        return cast_base(backbone.requires_grad_(False), self.base_dtype)
 
 
 @dataclass
@@ -95,6 +104,9 @@ class LoRA(Adapter):
     takes :data:`DEFAULT_TARGETS` of the backbone's class, and ``adaln`` adds :data:`ADALN_TARGETS`.
     ``base``: a checkpoint of this project (a full training's, or convert.py's) whose EMA backbone
     weights are the base; None: the backbone as built (released weights, or the run's seeded init).
+    ``base_dtype``: what the fixed base weights are stored in ("bfloat16" halves their memory, as
+    diffusers' scripts' ``weight_dtype``); the LoRA weights, their gradients and the optimiser's state
+    stay float32.
     """
 
     rank: int = 8
@@ -103,6 +115,7 @@ class LoRA(Adapter):
     targets: Sequence[str] | None = None
     adaln: bool = False
     base: str | None = None
+    base_dtype: str = "float32"
 
     name = "lora"
     trains_base = False
@@ -116,6 +129,7 @@ class LoRA(Adapter):
             raise ValueError(f"adapter.dropout={self.dropout!r}: must lie in [0, 1)")
         if isinstance(self.targets, str):
             raise ValueError(f"adapter.targets={self.targets!r}: give a list of module names, e.g. '[to_q,to_v]'")
+        _check_base_dtype(self.base_dtype)
 
     def target_names(self, backbone: nn.Module) -> list[str]:
         """The full names of the modules LoRA wraps; a target that matches none is refused."""
@@ -156,7 +170,36 @@ class LoRA(Adapter):
         inject_adapter_in_model(config, backbone)
         for name, param in backbone.named_parameters():
             param.requires_grad_(".lora_" in name)
+        return cast_base(backbone, self.base_dtype)
+
+
+def _check_base_dtype(base_dtype: str) -> str:
+    from diffusion._checks import check_choice
+
+    return check_choice("adapter.base_dtype", base_dtype, tuple(BASE_DTYPES))
+
+
+def cast_base(backbone: nn.Module, base_dtype: str) -> nn.Module:
+    """Store ``backbone``'s fixed weights (those that do not train) and its floating buffers in
+    ``base_dtype``; the trainable ones stay as they are (float32). In place; returns the backbone.
+    Only backbones that cast their inputs to their weights' dtype (:data:`CASTING_BACKBONES`) take bf16."""
+    dtype = BASE_DTYPES[_check_base_dtype(base_dtype)]
+    if dtype == torch.float32:
         return backbone
+    kind = type(backbone).__name__
+    if kind not in CASTING_BACKBONES:
+        raise ValueError(f"adapter.base_dtype={base_dtype}: {kind} computes in its inputs' dtype (float32), so its "
+                         f"base weights stay float32; bf16 base weights are for the wrapped diffusers models "
+                         f"({', '.join(CASTING_BACKBONES)}). Use adapter.base_dtype=float32, or precision=bf16 "
+                         "(autocast) for speed")
+    for param in backbone.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
+    for module in backbone.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+    return backbone
 
 
 def _linear_names(model: nn.Module) -> list[str]:

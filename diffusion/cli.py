@@ -391,6 +391,15 @@ def export(cfg: DictConfig) -> Path:
     check_choice("lora_format", lora_format, LORA_FORMATS)
     path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path)
+    if isinstance(model.adapter, LoRA) and model.adapter.base_dtype != "float32":
+        # Merge into the base as built (float32, the weights the sha256 names), not into its bf16 copy.
+        config = {**model.run_config, "adapter": {**model.run_config["adapter"], "base_dtype": "float32"}}
+        rebuilt = build_module(OmegaConf.create(config))
+        rebuilt.run_config = model.run_config
+        if rebuilt.base_weights_sha256 != model.base_weights_sha256:
+            raise ValueError(f"checkpoint {path}: its float32 base rebuilt from the run's config has another sha256")
+        rebuilt.load_state_dict(read_checkpoint(path)["state_dict"])
+        model = rebuilt.eval()
     backbone, config, written = model.ema.module, dict(model.run_config), ["ema.safetensors", "config.yaml"]
     unet_lora = isinstance(model.adapter, LoRA) and type(backbone).__name__ == "DiffusersUNet"
     if lora_format == "kohya" and not unet_lora:  # asked for by name: say why no such file comes

@@ -101,3 +101,32 @@ def test_feature_speed_runs_small(capsys):
     out = capsys.readouterr().out
     assert set(results) == {"32", "bf16"} and all(math.isfinite(r) and r > 0 for r in results.values()), results
     assert "bf16 / fp32 = " in out and "2 images 32x32" in out, out
+
+
+def test_finetune_memory_accounts_for_what_each_configuration_holds(capsys, monkeypatch):
+    """benchmarks/finetune_memory.py on the tiny UNet, its workers run in this process: the tensors'
+    account against counts taken of a diffusers UNet built directly (weights; LoRA's r (in + out) per
+    adapted linear; AdamW's two moments and the EMA copy of full fine-tuning), and the report's ratios."""
+    from argparse import Namespace
+
+    from diffusers import UNet2DConditionModel
+
+    bench = _load("finetune_memory")
+    args = Namespace(tiny=True, batch=1, size=8, threads=torch.get_num_threads(), steps=1, warmup=0, rounds=1,
+                     checkpointing=True, bf16_base=False, json=False)
+    monkeypatch.setattr(bench, "run_worker", lambda name, a: bench.worker(Namespace(**vars(a), worker=name)))
+    result = bench.measure(args)
+    unet = UNet2DConditionModel(**bench.TINY_UNET)
+    params = sum(p.numel() for p in unet.parameters())
+    lora = sum(bench.RANK * (m.in_features + m.out_features) for n, m in unet.named_modules()
+               if n.endswith(("to_q", "to_k", "to_v", "to_out.0")))
+    full, adapted = result["full"]["account"], result["lora"]["account"]
+    assert result["full"]["trainable"] == params and result["lora"]["trainable"] == lora
+    assert full["weights"] == full["gradients"] == full["ema"] == 4 * params and full["optimiser"] == 8 * params
+    assert adapted["weights"] == 4 * (params + lora)
+    assert adapted["gradients"] == adapted["ema"] == 4 * lora and adapted["optimiser"] == 8 * lora
+    # Checkpointing saves less for backward; LoRA saves about what full fine-tuning does.
+    assert 0 < result["lora+checkpointing"]["account"]["activations"] < adapted["activations"]
+    bench.report(result, args)
+    out = capsys.readouterr().out
+    assert "lora / full: memory" in out and "target <= 0.6x" in out and "lora+checkpointing / full" in out, out

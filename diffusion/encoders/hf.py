@@ -19,6 +19,7 @@ from diffusion.conditioning.types import Conditioning
 from diffusion.encoders.base import TextEncoder
 
 POOLINGS = ("auto", "mean", "cls", "none")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYERS = ("last", "penultimate")
 # Encoder-only classes of the encoder-decoder families: their AutoModel would build the decoder too.
 _ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
@@ -34,7 +35,9 @@ class HFTextEncoder(TextEncoder):
     the causal CLIP's real tokens are unchanged, its padding states are those SD's UNet was trained on.
     ``layer="penultimate"`` gives the tokens of the second-to-last layer as they are (no final layer
     norm, diffusers' ``hidden_states[-2]``), as SDXL and SD3 read their CLIPs; the pooled vector
-    stays the last layer's.
+    stays the last layer's. ``dtype="bfloat16"`` (or float16) stores the frozen weights in that dtype,
+    half their memory, as diffusers' training scripts do with ``weight_dtype``; the tokens and pooled
+    vector come out in float32 all the same (fingerprints, hence caches, tell the dtypes apart).
     """
 
     def __init__(
@@ -46,8 +49,10 @@ class HFTextEncoder(TextEncoder):
         pooling: str = "auto",
         attention_mask: bool = True,
         layer: str = "last",
+        dtype: str = "float32",
     ) -> None:
         super().__init__()
+        check_choice("text_encoder.dtype", dtype, tuple(DTYPES))
         check_choice("pooling", pooling, POOLINGS)
         check_choice("layer", layer, LAYERS)
         self.layer = layer
@@ -56,7 +61,7 @@ class HFTextEncoder(TextEncoder):
         sub = {} if subfolder is None else {"subfolder": subfolder}
         config = transformers.AutoConfig.from_pretrained(pretrained, **sub)
         kind, cls = _model_class(config)
-        self.model = cls.from_pretrained(pretrained, dtype=torch.float32, **sub)
+        self.model = cls.from_pretrained(pretrained, dtype=DTYPES[dtype], **sub)
         tok_sub = {} if tokenizer_subfolder is None else {"subfolder": tokenizer_subfolder}
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(pretrained, **tok_sub)
         if self.tokenizer.pad_token_id is None:
@@ -117,7 +122,8 @@ class HFTextEncoder(TextEncoder):
             pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1)
         else:  # "cls": the first token's state
             pooled = tokens[:, 0]
-        return Conditioning(tokens=tokens, mask=mask, pooled=pooled)
+        # float32 out whatever the weights' dtype: what the backbones and the caches take.
+        return Conditioning(tokens=tokens.float(), mask=mask, pooled=None if pooled is None else pooled.float())
 
 
 def tokenizer_id(tokenizer) -> str:

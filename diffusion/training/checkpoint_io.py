@@ -58,13 +58,21 @@ def check_frozen_weights(expected: dict[str, str], found: dict[str, str] | None,
         )
 
 
-def check_adapter(name: str, base_sha256: str | None, found: dict[str, Any] | None, source: str) -> None:
+def check_adapter(name: str, base_sha256: str | None, found: dict[str, Any] | None, source: str,
+                  base_dtype: str | None = None) -> None:
     """Refuse a checkpoint trained with another adapter, or an adapter trained on other base weights
-    (they are not in the checkpoint: only their sha256, compared here)."""
+    (they are not in the checkpoint: only their sha256, compared here; it is taken of the weights as
+    built, float32, before ``adapter.base_dtype`` casts them), or with base weights stored in another
+    dtype (``base_dtype``; checkpoints without one were float32)."""
     found = found or {"name": "full", "base_weights_sha256": None}
     if found.get("name") != name:
         raise ValueError(f"{source} was trained with adapter={found.get('name')}, this model is built with "
                          f"adapter={name}; build it with adapter={found.get('name')}")
+    trained_dtype = found.get("base_dtype", "float32")
+    if base_dtype is not None and name != "full" and trained_dtype != base_dtype:
+        raise ValueError(f"{source} holds an adapter={name} trained on base weights stored in {trained_dtype}, this "
+                         f"model stores them in {base_dtype} (the base weights' sha256 is the same); build it with "
+                         f"adapter.base_dtype={trained_dtype}")
     if found.get("base_weights_sha256") != base_sha256:
         raise ValueError(
             f"{source} holds an adapter={name} trained on other base weights than this model's backbone (sha256 "

@@ -346,7 +346,8 @@ class DiffusionModule(L.LightningModule):
     def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
         """Refuse a checkpoint of another model: other trained weights (names or shapes), or other
         frozen encoders than it was trained with."""
-        check_adapter(self.adapter.name, self.base_weights_sha256, checkpoint.get("adapter"), source)
+        check_adapter(self.adapter.name, self.base_weights_sha256, checkpoint.get("adapter"), source,
+                      base_dtype=self.adapter.base_dtype)
         check_state_fits(self.state_dict(), checkpoint["state_dict"], source)
         check_frozen_weights(self.frozen_weights(), checkpoint.get("frozen_weights"), source)
 
@@ -355,7 +356,8 @@ class DiffusionModule(L.LightningModule):
         checkpoint["run_config"] = self.run_config
         checkpoint["frozen_weights"] = self.frozen_weights()
         if not self.adapter.trains_base:
-            checkpoint["adapter"] = {"name": self.adapter.name, "base_weights_sha256": self.base_weights_sha256}
+            checkpoint["adapter"] = {"name": self.adapter.name, "base_weights_sha256": self.base_weights_sha256,
+                                     "base_dtype": self.adapter.base_dtype}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Called with the checkpoint Lightning has loaded, before it applies the weights; FSDP2's strategy

@@ -68,3 +68,29 @@ class OptimConfig:
             )
         return partial(warmup_then_decay, warmup_steps=self.warmup_steps, total_steps=max_steps or 0,
                        decay=self.decay, min_ratio=self.min_lr_ratio)
+
+
+#: The bitsandbytes release whose 8-bit optimisers were checked here, on the CPU too (its CPU backend).
+BITSANDBYTES_MIN = "0.50"
+
+
+def adamw_8bit(params: Any, lr: float = 1e-3, betas: Any = (0.9, 0.999), eps: float = 1e-8,
+               weight_decay: float = 0.0, **kwargs: Any) -> torch.optim.Optimizer:
+    """bitsandbytes' ``AdamW8bit`` (Dettmers et al. 2022): AdamW with both moments stored in 8 bits,
+    block-wise quantised (2 bytes per parameter instead of 8). Tensors under its ``min_8bit_size``
+    (4096 elements) keep 32-bit moments. Choose it with
+    ``model.optim.optimizer._target_=diffusion.training.optim.adamw_8bit``; it needs the optional
+    ``bitsandbytes`` (``pip install -e '.[bnb]'``), which runs on CUDA and, from 0.50, on the CPU."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ValueError("model.optim.optimizer=adamw_8bit needs bitsandbytes, which is not installed: "
+                         f"pip install 'bitsandbytes>={BITSANDBYTES_MIN}' (or pip install -e '.[bnb]'), or use "
+                         "torch.optim.AdamW") from e
+    from packaging.version import Version
+
+    if Version(bitsandbytes.__version__) < Version(BITSANDBYTES_MIN):
+        raise ValueError(f"model.optim.optimizer=adamw_8bit: bitsandbytes {bitsandbytes.__version__} is installed; "
+                         f"{BITSANDBYTES_MIN} or newer is needed (its CPU backend): pip install -U bitsandbytes")
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                        **kwargs)
