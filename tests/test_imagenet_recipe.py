@@ -136,5 +136,9 @@ def test_class_folder_to_evaluator_files_through_cache_train_and_two_process_sam
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(tmp_path / "srun" / "samples.npz") as npz:
-        np.testing.assert_array_equal(npz["arr_0"], images)
+        # The same images up to float rounding: the two launches batch the samples differently (a
+        # sample alone in srun's last batch of 1 is in a batch of 2 under torchrun), and BLAS rounds a
+        # matrix product by its shape; a pixel on a quantisation boundary may move one level.
+        differ = npz["arr_0"].astype(int) - images.astype(int)
+        assert np.abs(differ).max() <= 1 and (differ != 0).mean() < 1e-3, np.abs(differ).max()
         np.testing.assert_array_equal(npz["labels"], labels)
