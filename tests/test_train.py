@@ -41,8 +41,10 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
                  "data.module.instance_prompt=a photo of sks dog", "data.module.prior_preservation=false"]
     if option in ("text", "t2i_tiny"):
         extra.append("text_encoder=openclip_tiny")
-    if option == "t2i_tiny" or option.startswith("finetune_"):
+    if option == "t2i_tiny" or option.startswith(("finetune_", "textual_inversion_")):
         extra.append(f"data.module.root={make_captioned_folder(tmp_path / 'images')}")
+    if option.startswith("textual_inversion_"):  # the new word is the user's to name
+        extra += ["adapter.placeholder_token='<cat-toy>'", "adapter.initializer_token=cat"]
     cfg = compose_config("train", [f"{group}={option}", *extra], tmp_path)
     node = cfg[group] if group != "experiment" else None  # experiments override the global config
 
