@@ -105,9 +105,11 @@ def euler(model: Denoiser, schedule: Schedule, x: Tensor, grid: Tensor, **kwargs
     return ddim(model, schedule, x, grid, eta=0.0, **kwargs)
 
 
-def ancestral(model: Denoiser, schedule: Schedule, x: Tensor, grid: Tensor, **kwargs) -> Tensor:
-    """DDPM ancestral sampling: DDIM with eta = 1."""
-    return ddim(model, schedule, x, grid, eta=1.0, **kwargs)
+def ancestral(model: Denoiser, schedule: Schedule, x: Tensor, grid: Tensor, *, generator: NoiseSource | None = None,
+              callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """DDPM ancestral sampling: DDIM with eta = 1. Its signature names ``generator``, so a caller that
+    looks for it there (the theory notebook) passes its noise and does not fall back to the global RNG."""
+    return ddim(model, schedule, x, grid, eta=1.0, generator=generator, callback=callback, progress=progress)
 
 
 @torch.no_grad()
