@@ -174,6 +174,23 @@ def test_dropout_refuses_mismatched_null() -> None:
         ConditionDropout(1.5)
 
 
+def test_dropout_and_guidance_keep_the_control_and_concatenated_latents() -> None:
+    """A ControlNet's control and an inpainting mask describe the input, not the prompt: dropping the
+    caption leaves them, and guidance's null branch gets the conditional branch's (KEPT_FIELDS)."""
+    control, concat = torch.randn(4, 1, 3, 8, 8), torch.randn(4, 5, 2, 2)
+    cond = text_cond(4).replace(control=control, concat=concat)
+    null = text_cond(1).replace(control=torch.zeros(1, 1, 3, 8, 8))  # a null's own control is not used
+    out = drop_condition(cond, null, 1.0)
+    torch.testing.assert_close(out.tokens, null.tokens.expand(4, -1, -1))
+    assert out.control is control and out.concat is concat
+    alone = Conditioning(control=control)  # an unconditional model with a ControlNet: nothing to drop
+    assert drop_condition(alone, Conditioning(), 1.0).control is control
+    kept = Conditioning().keeping(cond)
+    assert kept.control is control and kept.concat is concat and kept.tokens is None
+    with pytest.raises(ValueError, match=r"control must have shape \(B, K, C, H, W\)"):
+        Conditioning(control=torch.zeros(2, 3, 8, 8))
+
+
 def test_condition_dropout_object() -> None:
     drop = ConditionDropout(p=1.0)
     out = drop(label_condition(torch.tensor([1, 2])), null_label_condition(1, 5))

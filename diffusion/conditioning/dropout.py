@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from diffusion.conditioning.types import Conditioning
+from diffusion.conditioning.types import KEPT_FIELDS, Conditioning
 
 
 def drop_condition(
@@ -28,6 +28,7 @@ def drop_condition(
     `null` has batch size 1 (broadcast) or B. Its fields must match `cond`'s,
     except that a missing mask on either side means "all tokens real". `drop` (B,) bool, when
     given, is the per-sample choice already drawn (True = null; training draws it per sample).
+    The :data:`KEPT_FIELDS` (a control, concatenated latents, image sizes) are ``cond``'s, never dropped.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"Condition dropout probability must lie in [0, 1], got {p}.")
@@ -35,8 +36,9 @@ def drop_condition(
         return cond
     batch = cond.batch_size
     assert batch is not None
+    null = null.replace(**dict.fromkeys(KEPT_FIELDS))  # a null condition's own kept fields are not used
     null = null.expand(batch) if null.batch_size == 1 else null
-    if null.batch_size != batch:
+    if null.batch_size not in (None, batch):  # None: nothing but kept fields to drop (a control alone)
         raise ValueError(f"Null condition must have batch size 1 or {batch} (the condition's), got {null.batch_size}.")
     if p == 0.0:
         return cond
@@ -54,8 +56,8 @@ def drop_condition(
     out: dict[str, Tensor | None] = {}
     for f in dataclasses.fields(Conditioning):
         a, n = getattr(cond, f.name), getattr(null, f.name)
-        if a is None and n is None:
-            out[f.name] = None
+        if f.name in KEPT_FIELDS or (a is None and n is None):
+            out[f.name] = a
             continue
         if a is None or n is None:
             raise ValueError(

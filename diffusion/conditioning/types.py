@@ -1,7 +1,8 @@
 """The one conditioning type every backbone accepts.
 
 A batch's condition is any combination of text tokens (with a padding mask),
-a pooled vector, class labels and image sizes. Every field is a plain tensor or None, so a
+a pooled vector, class labels, image sizes and image conditions (a ControlNet's control, latents
+concatenated to the input, IP-Adapter's image embeddings). Every field is a plain tensor or None, so a
 generic classifier-free-guidance wrapper can `torch.cat` fields along the
 batch and leave None fields None.
 """
@@ -14,6 +15,11 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+#: The fields that describe the input rather than the prompt. Condition dropout never drops them, and
+#: both branches of classifier-free guidance get them: a ControlNet's control stays in both (Zhang et al.
+#: 2023, sec. 3.4), and so do an inpainting mask and image, and SDXL's sizes.
+KEPT_FIELDS = ("time_ids", "control", "concat")
 
 # Index types accepted by `Conditioning.select` / `__getitem__`.
 BatchIndex = int | slice | Sequence[int] | Tensor
@@ -31,6 +37,12 @@ class Conditioning:
     time_ids: (B, 6) int64, each training image's (original h, w, crop top, left, target h, w) in
             pixels: SDXL's size and crop micro-conditioning (diffusion.conditioning.micro). Integers,
             so that a half-precision ``.to(dtype)`` cannot round a size.
+    control: (B, K, C, H, W) float, the conditioning images of K ControlNets (one in training; several
+            at sampling), in the space each ControlNet reads (pixels or latents; diffusion.adapters).
+    concat: (B, C, h, w) float, latents concatenated to x_t on the channel axis (an inpainting mask and
+            masked image, a low-resolution image): the backbone's extra, zero-initialised input channels.
+    image_embeds: (B, N, D) float, an image encoder's embeddings of an image prompt (IP-Adapter); zeros
+            are its null condition.
     """
 
     tokens: Tensor | None = None
@@ -38,6 +50,9 @@ class Conditioning:
     pooled: Tensor | None = None
     labels: Tensor | None = None
     time_ids: Tensor | None = None
+    control: Tensor | None = None
+    concat: Tensor | None = None
+    image_embeds: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_ndim("tokens", self.tokens, 3, "(B, L, D)")
@@ -45,6 +60,9 @@ class Conditioning:
         _check_ndim("pooled", self.pooled, 2, "(B, P)")
         _check_ndim("labels", self.labels, 1, "(B,)")
         _check_ndim("time_ids", self.time_ids, 2, "(B, 6)")
+        _check_ndim("control", self.control, 5, "(B, K, C, H, W)")
+        _check_ndim("concat", self.concat, 4, "(B, C, h, w)")
+        _check_ndim("image_embeds", self.image_embeds, 3, "(B, N, D)")
         if self.mask is not None:
             if self.tokens is None:
                 raise ValueError("Conditioning.mask was given without tokens; a mask only describes tokens.")
@@ -81,6 +99,11 @@ class Conditioning:
 
     def replace(self, **changes: Tensor | None) -> Conditioning:
         return dataclasses.replace(self, **changes)
+
+    def keeping(self, cond: Conditioning) -> Conditioning:
+        """This (null) condition with ``cond``'s :data:`KEPT_FIELDS`: what classifier-free guidance and
+        condition dropout leave as they are, so that the two branches differ by the prompt alone."""
+        return self.replace(**{name: getattr(cond, name) for name in KEPT_FIELDS})
 
     # -- movement -----------------------------------------------------------------
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:

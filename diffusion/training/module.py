@@ -4,7 +4,7 @@ loss, and owns the optimiser, the EMA of the weights and the sample grids. The p
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -290,20 +290,25 @@ class DiffusionModule(L.LightningModule):
         grid: Callable[[int], Tensor] | None = None,
         eta: float | None = None,
         precision: str = "32",
+        inputs: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """``num`` samples from the EMA weights; ``condition`` is what the conditioner takes (labels,
         prompts; None: cycle the classes, or empty prompts). Decoded to pixels unless ``decode`` is False.
         ``generator`` draws the initial noise and a stochastic sampler's noise: a PerSampleNoise of
         ``num`` seeds makes each sample depend on its own seed alone. ``grid`` (steps -> times) replaces
-        the run's; ``eta`` goes to DDIM; ``precision="bf16"`` runs the backbone under bf16 autocast."""
+        the run's; ``eta`` goes to DDIM; ``precision="bf16"`` runs the backbone under bf16 autocast.
+        ``inputs``: Conditioning fields of the request that no conditioner makes (``control``, ``concat``),
+        batch-first with ``num`` samples; they stay in both branches of guidance (KEPT_FIELDS)."""
         if self.image_shape is None:
             raise ValueError("this module was built without image_shape; pass the (C, H, W) the backbone works in")
         s = self.sampling
         cond = self.conditioner.make(condition, num, self.device)
+        if inputs:  # the request's own condition fields, e.g. a control image: in both branches of guidance
+            cond = cond.replace(**{name: value.to(self.device) for name, value in inputs.items()})
         scale = s.cfg_scale if cfg_scale is None else cfg_scale
         with self.ema.applied(self.backbone) as averaged:  # the EMA weights' module
             backbone = self.model(autocast_backbone(averaged, self.device, precision))
-            model = ClassifierFreeGuidance(backbone, cond, self.conditioner.null(num, self.device), scale)
+            model = ClassifierFreeGuidance(backbone, cond, self.conditioner.null(num, self.device).keeping(cond), scale)
             times = (grid or s.grid)(steps or s.steps)
             x = randn((num, *self.image_shape), generator, self.device, torch.float32)
             if (prior_std := self.schedule.prior_std(times[0].item())) != 1:  # a variance-exploding path
