@@ -3,6 +3,7 @@ the parts here."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import logging.handlers
 import warnings
@@ -75,6 +76,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         torch.manual_seed(cfg.seed)
         autoencoder = instantiate(cfg.vae, _convert_="all") if cfg.get("vae") is not None else None
         conditioner = instantiate(conditioner_cfg, _convert_="all")
+        image_condition = instantiate(cfg.image_condition, _convert_="all") if cfg.get("image_condition") else None
     channels, height, width = cfg.data.image_shape
     if autoencoder is not None:
         factor = autoencoder.downsample_factor
@@ -85,13 +87,36 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     with torch.random.fork_rng(devices=[], enabled=adapter is not None and not adapter.trains_base):
         if adapter is not None and not adapter.trains_base:
             torch.manual_seed(cfg.seed)
-        backbone = instantiate(cfg.backbone, in_channels=channels, **conditioner.backbone_kwargs())
+        backbone = instantiate(cfg.backbone, in_channels=channels, **conditioner.backbone_kwargs(),
+                               **concat_kwargs(cfg, image_condition, channels))
     if adapter is not None and adapter.base is not None:
         from diffusion.adapters import load_base
 
         load_base(backbone, adapter, read_checkpoint)
     return instantiate(cfg.model, backbone=backbone, conditioner=conditioner, autoencoder=autoencoder,
-                       image_shape=(channels, height, width), adapter=adapter, _convert_="object")
+                       image_shape=(channels, height, width), adapter=adapter, image_condition=image_condition,
+                       _convert_="object")
+
+
+def concat_kwargs(cfg: DictConfig, image_condition: Any, latent_channels: int) -> dict[str, int]:
+    """``concat_channels`` for a backbone that takes a concatenated condition; a backbone without
+    the argument is refused by name rather than by a TypeError deep in Hydra."""
+    channels = image_condition.concat_channels(latent_channels) if image_condition is not None else 0
+    if not channels:
+        return {}
+    from hydra.utils import get_method
+
+    target = get_method(cfg.backbone._target_)
+    if "concat_channels" not in inspect.signature(target).parameters and not _forwards_kwargs(target):
+        raise ValueError(f"image_condition={type(image_condition).__name__.lower()} concatenates {channels} channels "
+                         f"to x_t, and backbone {cfg.backbone._target_} takes no concat_channels: use our UNet or DiT, "
+                         "or the wrapped SD UNet (backbone=sd15_unet)")
+    return {"concat_channels": channels}
+
+
+def _forwards_kwargs(target: Any) -> bool:
+    """A builder that passes its keyword arguments on (build_unet(name, **overrides))."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -232,7 +257,11 @@ def check_data_cacheable(cfg: DictConfig) -> None:
 
 
 def check_adapter_cacheable(cfg: DictConfig, model: DiffusionModule) -> None:
-    """Refuse ``cache_dir`` when the adapter trains what a cache would fix (Textual Inversion's token rows)."""
+    """Refuse ``cache_dir`` when the adapter trains what a cache would fix (Textual Inversion's token rows),
+    or the image condition changes every epoch (inpainting's random masks)."""
+    refusal = getattr(model.image_condition, "cache_refusal", None)
+    if cfg.get("cache_dir") and refusal:
+        raise ValueError(f"cache_dir={cfg.cache_dir}: {refusal}")
     if cfg.get("cache_dir") and not model.adapter.conditions_fixed:
         raise ValueError(f"cache_dir={cfg.cache_dir}: adapter={model.adapter.name} trains the text encoder's new "
                          "token embeddings, so the text embeddings of a caption change every step and cannot be read "
@@ -248,8 +277,10 @@ def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]
     for key in ("batch_size", "num_workers"):
         data.pop(key, None)
     autoencoder = model.autoencoder.fingerprint() if model.autoencoder is not None else {"class": "none"}
+    image_condition = model.image_condition.fingerprint() if model.image_condition is not None else None
     return {"autoencoder": autoencoder, "conditioner": model.conditioner.fingerprint(), "data": data,
-            "image_shape": list(model.image_shape), "dtype": dtype}
+            "image_shape": list(model.image_shape), "dtype": dtype,
+            **({"image_condition": image_condition} if image_condition is not None else {})}
 
 
 CACHE_KEYS = {"train": -2, "val": -3}  # key the cache's posterior draws apart from training's
@@ -283,7 +314,8 @@ def cache(cfg: DictConfig) -> Path:
                 index = batch["index"].tolist() if "index" in batch else None
                 key = (cfg.seed, CACHE_KEYS[split]) if index is not None else None
                 latent = model.latents(batch, key, positions=index)
-                encoded = {"latent": latent, **model.conditioner.cache(batch),
+                images = model.image_condition.cache(batch, model.encode_condition) if model.image_condition else {}
+                encoded = {"latent": latent, **model.conditioner.cache(batch), **images,
                            **{k: batch[k] for k in MICRO_KEYS if k in batch}}  # SDXL's image sizes
                 bar.update(len(encoded["latent"]))
                 return {k: v.cpu() for k, v in encoded.items()}

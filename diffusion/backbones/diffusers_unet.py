@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusion.backbones.layers import check_input
+from diffusion.backbones.layers import check_input, with_concat
 from diffusion.conditioning.types import Conditioning
 
 
@@ -67,6 +67,7 @@ class DiffusersUNet(nn.Module):
         gradient_checkpointing: bool = False,
         time_ids: Mapping[str, Any] | None = None,
         pixels_per_latent: int = 8,
+        concat_channels: int = 0,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
@@ -85,10 +86,11 @@ class DiffusersUNet(nn.Module):
         else:
             self.unet = UNet2DConditionModel(**_plain(config))
             self.source = "config"
-        c = self.unet.config
         self.name = f"DiffusersUNet({self.source})"
+        self.concat_channels = _concat_input(self.unet, int(concat_channels), in_channels, self.name)
+        c = self.unet.config
         self.num_train_steps = int(num_train_steps)
-        self.in_channels = int(c.in_channels)
+        self.in_channels = int(c.in_channels) - self.concat_channels  # x_t's; cond.concat brings the rest
         self.out_channels = int(c.out_channels)
         self.token_dim = _cross_attention_dim(c.cross_attention_dim, self.name)
         self.num_classes = None
@@ -118,8 +120,9 @@ class DiffusersUNet(nn.Module):
                              f"class_embed_type={c.class_embed_type!r}) which this wrapper does not pass; it "
                              "takes SD 1.x/2.x UNets and SDXL's (addition_embed_type='text_time')")
         if self.out_channels != self.in_channels:
-            raise ValueError(f"{self.name} takes {self.in_channels} channels and returns {self.out_channels} (an "
-                             "inpainting or variance model?); a backbone's output has its input's shape")
+            raise ValueError(f"{self.name} takes {self.in_channels} channels and returns {self.out_channels}: a "
+                             "backbone's output has x_t's shape; an inpainting UNet (9 in, 4 out) takes its mask and "
+                             "masked image as a concatenated condition: image_condition=inpaint")
         if in_channels is not None and in_channels != self.in_channels:
             raise ValueError(f"{self.name} takes latents of {self.in_channels} channels, but the autoencoder gives "
                              f"{in_channels}: pair the UNet with the VAE it was trained with (vae=sd for SD 1.x/2.x)")
@@ -188,7 +191,8 @@ class DiffusersUNet(nn.Module):
             if ids.shape != (x.shape[0], 6):
                 raise ValueError(f"{self.name} needs cond.time_ids of shape ({x.shape[0]}, 6), got {tuple(ids.shape)}")
             added = {"text_embeds": cond.pooled.to(dtype), "time_ids": ids.to(dtype)}
-        out = self.unet(x.to(dtype), self.timestep(t), encoder_hidden_states=cond.tokens.to(dtype),
+        x_in = with_concat(self.name, x, cond, self.concat_channels)
+        out = self.unet(x_in.to(dtype), self.timestep(t), encoder_hidden_states=cond.tokens.to(dtype),
                         encoder_attention_mask=mask, added_cond_kwargs=added, return_dict=False)[0]
         return out.to(x.dtype)
 
@@ -198,6 +202,33 @@ class DiffusersUNet(nn.Module):
         micro = self.micro
         row = [*(micro["original_size"] or image), *micro["crop_top_left"], *(micro["target_size"] or image)]
         return torch.tensor(row, dtype=torch.float32, device=x.device).expand(x.shape[0], 6)
+
+
+def _concat_input(unet: nn.Module, concat_channels: int, latent_channels: int | None, name: str) -> int:
+    """``concat_channels``, after giving a UNet that lacks them extra zero-initialised input channels.
+
+    A UNet trained with the concatenated condition (SD's inpainting UNet: 4 latent + 1 mask + 4 masked
+    image = 9 input channels) takes it as it is; one trained without (4) gets ``concat_channels`` new
+    input channels of the first convolution, zero, so that it starts as the base (InstructPix2Pix,
+    Brooks et al. 2023), and its config says the new width, as ``save_pretrained`` then writes it."""
+    if concat_channels < 0:
+        raise ValueError(f"{name}: concat_channels must be >= 0, got {concat_channels}")
+    total, latent = int(unet.config.in_channels), latent_channels or int(unet.config.out_channels)
+    if concat_channels == 0 or total == latent + concat_channels:  # the UNet's own width is checked after
+        return concat_channels
+    if total != latent:
+        raise ValueError(f"{name} takes {total} input channels, which is neither the latents' {latent} nor the latents' "
+                         f"plus concat_channels={concat_channels}: an inpainting UNet (9 = 4 + 1 + 4) needs "
+                         "image_condition=inpaint, and a plain UNet takes the latents alone")
+    old = unet.conv_in
+    new = nn.Conv2d(total + concat_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :total] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new.to(old.weight.dtype)
+    unet.register_to_config(in_channels=total + concat_channels)
+    return concat_channels
 
 
 def _micro_conditioning(time_ids: Mapping[str, Any] | None, name: str) -> dict[str, list[int] | None]:

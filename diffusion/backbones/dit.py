@@ -23,6 +23,8 @@ from diffusion.backbones.layers import (
     check_input,
     maybe_checkpoint,
     sincos_pos_embed_2d,
+    with_concat,
+    zero_extra_input_channels,
 )
 from diffusion.conditioning.labels import LabelEmbedder
 from diffusion.conditioning.types import Conditioning
@@ -104,13 +106,17 @@ class DiT(nn.Module):
         time_shift: float = 0.0,
         gradient_checkpointing: bool = False,
         bf16_autocast: bool = False,
+        concat_channels: int = 0,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"DiT hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
         if hidden_size % 4:
             raise ValueError(f"DiT hidden_size={hidden_size} must be divisible by 4 for 2-D sin-cos positions.")
+        if concat_channels < 0:
+            raise ValueError(f"DiT concat_channels must be >= 0, got {concat_channels}.")
         self.in_channels = in_channels
+        self.concat_channels = concat_channels  # cond.concat's, appended to x_t; the output keeps in_channels
         self.learn_sigma = learn_sigma
         self.out_channels = 2 * in_channels if learn_sigma else in_channels  # of the final layer
         self.patch_size = patch_size
@@ -122,7 +128,7 @@ class DiT(nn.Module):
         self.bf16_autocast = bf16_autocast
 
         self.x_embedder = PatchEmbed(
-            img_size=None, patch_size=patch_size, in_chans=in_channels, embed_dim=hidden_size, strict_img_size=False
+            img_size=None, patch_size=patch_size, in_chans=in_channels + concat_channels, embed_dim=hidden_size, strict_img_size=False
         )
         self.t_embedder = TimestepEmbedder(hidden_size, frequency_dim, time_scale, time_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes is not None else None
@@ -161,6 +167,7 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear over the flattened patch
         nn.init.zeros_(self.x_embedder.proj.bias)
+        zero_extra_input_channels(self.x_embedder.proj, self.in_channels)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.table.weight, std=0.02)
         for mlp in (self.pooled_embedder, self.token_embedder):
@@ -190,7 +197,7 @@ class DiT(nn.Module):
             # The patch embedding is a transposed view of the convolution's output; made contiguous
             # once here, or every later op (layer norms, residual adds) would inherit that layout and
             # copy to and from it, in forward and backward.
-            h = self.x_embedder(x).contiguous() + pos  # (B, N, D)
+            h = self.x_embedder(with_concat("DiT", x, cond, self.concat_channels)).contiguous() + pos  # (B, N, D)
             c = self.t_embedder(t)  # (B, D)
             if self.y_embedder is not None:
                 c = c + self.y_embedder(cond.labels)

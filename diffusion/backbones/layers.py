@@ -118,6 +118,30 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def zero_extra_input_channels(conv: nn.Conv2d, in_channels: int) -> None:
+    """Zero the weights a convolution gives its input channels past ``in_channels`` (concatenated
+    conditions): the backbone starts as it would without them (InstructPix2Pix, SD inpainting)."""
+    with torch.no_grad():
+        conv.weight[:, in_channels:].zero_()
+
+
+def with_concat(name: str, x: Tensor, cond: Conditioning, concat_channels: int) -> Tensor:
+    """``x`` with ``cond.concat`` appended on the channel axis: the input of a backbone built with
+    ``concat_channels`` extra input channels (diffusion.conditioning.image_inputs)."""
+    if concat_channels == 0:
+        if cond.concat is not None:
+            raise ValueError(f"{name} was built without concatenated conditions (concat_channels=0), but cond.concat "
+                             "was given; build it with image_condition=inpaint|image_to_image|super_resolution")
+        return x
+    if cond.concat is None:
+        raise ValueError(f"{name} was built for {concat_channels} concatenated condition channels (an inpainting mask "
+                         "and masked image, a low-resolution image), but cond.concat is None")
+    if cond.concat.shape[1] != concat_channels or cond.concat.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"{name}: cond.concat must be (B, {concat_channels}, {x.shape[-2]}, {x.shape[-1]}) like x_t, "
+                         f"got {tuple(cond.concat.shape)}")
+    return torch.cat([x, cond.concat.to(x.dtype)], dim=1)
+
+
 def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
     """Run `fn(*args)`, recomputing its activations in backward when `enabled` (and grads are on)."""
     if enabled and torch.is_grad_enabled():

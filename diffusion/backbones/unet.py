@@ -25,6 +25,8 @@ from diffusion.backbones.layers import (
     check_condition,
     check_input,
     maybe_checkpoint,
+    with_concat,
+    zero_extra_input_channels,
     zero_module,
 )
 from diffusion.conditioning.labels import LabelEmbedder
@@ -184,6 +186,7 @@ class UNet(nn.Module):
         gradient_checkpointing: bool = False,
         bf16_autocast: bool = False,
         channels_last: bool = True,
+        concat_channels: int = 0,
     ) -> None:
         super().__init__()
         channel_mult, attention_levels = tuple(channel_mult), tuple(attention_levels)
@@ -193,7 +196,10 @@ class UNet(nn.Module):
         for ch in {model_channels * m for m in channel_mult}:
             if ch % norm_groups:
                 raise ValueError(f"UNet channel count {ch} is not divisible by norm_groups={norm_groups}.")
+        if concat_channels < 0:
+            raise ValueError(f"UNet concat_channels must be >= 0, got {concat_channels}.")
         self.in_channels = in_channels
+        self.concat_channels = concat_channels  # cond.concat's, appended to x_t; the output keeps in_channels
         self.learn_sigma = learn_sigma
         self.out_channels = 2 * in_channels if learn_sigma else in_channels  # of the last convolution
         self.num_classes = num_classes
@@ -222,7 +228,8 @@ class UNet(nn.Module):
             res = ResBlock(in_ch, out_ch, emb_dim, dropout, norm_groups)
             return Stage(res, attention(out_ch) if level in attention_levels else None)
 
-        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + concat_channels, model_channels, 3, padding=1)
+        zero_extra_input_channels(self.conv_in, in_channels)
         self.down = nn.ModuleList()
         skip_channels, ch = [model_channels], model_channels
         for level, mult in enumerate(channel_mult):
@@ -272,7 +279,8 @@ class UNet(nn.Module):
                 emb = emb + self.label_embed(cond.labels)
             if self.pooled_embed is not None:
                 emb = emb + self.pooled_embed(cond.pooled)
-            h = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+            h = with_concat("UNet", x, cond, self.concat_channels)
+            h = self.conv_in(h.contiguous(memory_format=torch.channels_last) if self.channels_last else h)
             skips = [h]
             for layer in self.down:
                 h = self._run(layer, h, emb, tokens, mask)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion.data.batching import batch_sampler
+from diffusion.data.batching import batch_sampler, epoch_of
+from diffusion.data.masks import mask_generator, random_mask
 
 NUM_CLASSES = 10
 
@@ -41,25 +42,36 @@ def load_digits_split(val_fraction: float = 0.2, seed: int = 0) -> dict[str, tup
 
 
 class _TensorImages(Dataset):
-    def __init__(self, images: Tensor, labels: Tensor):
-        self.images, self.labels = images, labels
+    """Items ``{"image", "label"}``, and with ``masks`` a random inpainting ``mask`` drawn
+    for the sample's (seed, epoch, index) (diffusion.data.masks): a new one each epoch."""
+
+    def __init__(self, images: Tensor, labels: Tensor, masks: bool = False, seed: int = 0):
+        self.images, self.labels, self.masks, self.seed = images, labels, masks, seed
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"image": self.images[index], "label": self.labels[index]}
+        epoch = epoch_of(index)
+        index = range(len(self))[index]
+        item = {"image": self.images[index], "label": self.labels[index]}
+        if self.masks:
+            item["mask"] = random_mask(*self.images.shape[-2:], mask_generator(self.seed, epoch, index))
+        return item
 
 
 class DigitsDataModule(L.LightningDataModule):
-    """Class-conditional 1x8x8 digits; ``image_shape`` and ``num_classes`` tell the model."""
+    """Class-conditional 1x8x8 digits; ``image_shape`` and ``num_classes`` tell the model. ``masks``
+    gives each item a random inpainting mask (image_condition=inpaint)."""
 
     image_shape = (1, 8, 8)
     num_classes = NUM_CLASSES
 
-    def __init__(self, batch_size: int = 128, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0):
+    def __init__(self, batch_size: int = 128, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0,
+                 masks: bool = False):
         super().__init__()
         self.batch_size, self.val_fraction, self.seed, self.num_workers = batch_size, val_fraction, seed, num_workers
+        self.masks = masks
         self.splits: dict[str, tuple[Tensor, Tensor]] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -69,7 +81,7 @@ class DigitsDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> Dataset:
         """The ``"train"`` or ``"val"`` split, unshuffled (what a cache encodes)."""
         self.setup()
-        return _TensorImages(*self.splits[split])
+        return _TensorImages(*self.splits[split], masks=self.masks, seed=self.seed)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.dataset(split)

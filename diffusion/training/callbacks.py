@@ -23,6 +23,8 @@ class SampleGrids(L.Callback):
     step, and the end of a run whose last step was just sampled adds none. Class-conditional
     models show a column per class; text-conditional ones a column per prompt of
     ``model.sampling.prompts``. The noise is the same at every step (seed 0), so grids compare.
+    A model with an image condition (a control, a mask) samples on the first images of the validation
+    set (else the training set), always the same ones, with their own labels or captions.
     """
 
     def __init__(self) -> None:
@@ -45,9 +47,13 @@ class SampleGrids(L.Callback):
         # forward gathers the blocks' shards) and process 0 writes.
         if not (trainer.is_global_zero or pl_module._sharded):
             return None
-        condition, columns, captions = self._condition(pl_module)
+        inputs = None
+        if pl_module.image_condition is not None:
+            condition, columns, captions, inputs = self._image_request(trainer, pl_module)
+        else:
+            condition, columns, captions = self._condition(pl_module)
         generator = torch.Generator(device=pl_module.device).manual_seed(0)
-        images = pl_module.sample(pl_module.sampling.num_images, condition, generator=generator)
+        images = pl_module.sample(pl_module.sampling.num_images, condition, generator=generator, inputs=inputs)
         if not trainer.is_global_zero:
             return None
         grid = to_grid(images, nrow=columns)  # (H, W, C) uint8
@@ -60,6 +66,28 @@ class SampleGrids(L.Callback):
                 if captions:
                     logger.experiment.add_text("samples/prompts", captions, step)
         return path
+
+    def _image_request(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list | None, int, None, dict]:
+        """The first ``num_images`` items of the validation (else training) set: their image inputs, and
+        their labels or captions when the model takes them (cycled when the set is smaller)."""
+        from torch.utils.data import default_collate
+
+        loaders = [trainer.val_dataloaders, trainer.train_dataloader]
+        dataset = next((loader.dataset for loader in loaders if loader is not None and len(loader.dataset)), None)
+        if dataset is None:
+            raise ValueError("sample grids of an image-conditioned model take their conditions from the data, and "
+                             "this run has none; set model.sampling.every_n_steps=0 and callbacks to skip them")
+        num = pl_module.sampling.num_images
+        items = [dataset[i % len(dataset)] for i in range(num)]
+        keys = set(pl_module.image_condition.needs) | set(pl_module.image_condition.fields)
+        batch = default_collate([{k: v for k, v in item.items() if k in keys} for item in items])
+        takes = pl_module.conditioner.takes
+        condition = None
+        if takes == "labels" and all("label" in item for item in items):
+            condition = [int(item["label"]) for item in items]
+        elif takes == "prompts":
+            condition = [str(item.get("caption", "")) for item in items]
+        return condition, max(1, round(num ** 0.5)), None, batch
 
     def _condition(self, pl_module: L.LightningModule) -> tuple[list | None, int | None, str | None]:
         """What the grid is conditioned on, its number of columns and a caption naming them."""

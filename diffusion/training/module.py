@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.adapters import Adapter, Full, base_parameter_names
-from diffusion.conditioning import Conditioner, Unconditional, drop_condition
+from diffusion.conditioning import Conditioner, Conditioning, Unconditional, drop_condition
+from diffusion.conditioning.image_inputs import ImageCondition
 from diffusion.conditioning.micro import with_time_ids
 from diffusion.data.batching import batches_processed, check_split_over_processes
 from diffusion.frozen import FrozenModule, weights_sha256
@@ -92,6 +93,7 @@ class DiffusionModule(L.LightningModule):
         offset_noise: float = 0.0,
         vlb_weight: float = VLB_WEIGHT,
         adapter: Adapter | None = None,
+        image_condition: ImageCondition | None = None,
     ):
         """``image_shape`` is the (C, H, W) the backbone works in: the latents' shape when an
         autoencoder is given. Batches carry ``image`` (pixels, encoded here) or ``latent``
@@ -100,7 +102,9 @@ class DiffusionModule(L.LightningModule):
         losses compare across runs. ``vlb_weight`` is the lambda of the hybrid loss of a backbone that
         learns its variance (learn_sigma; diffusion.variance), 0 to leave its variance head untrained.
         ``adapter`` (diffusion.adapters; default full) says what of the backbone trains: with any but
-        full the base weights are fixed, left out of checkpoints and recorded by their sha256."""
+        full the base weights are fixed, left out of checkpoints and recorded by their sha256.
+        ``image_condition`` (diffusion.conditioning.image_inputs) adds a batch's image conditions (a
+        ControlNet's control, concatenated latents, an image prompt) to the conditioner's condition."""
         super().__init__()
         if not 0 <= offset_noise < 1:
             raise ValueError(f"offset_noise={offset_noise}: must be in [0, 1) (sgm and the offset-noise recipe use "
@@ -120,6 +124,9 @@ class DiffusionModule(L.LightningModule):
                                                            weighting or NoWeighting(), vlb_weight)
         self.conditioner = conditioner or Unconditional()
         self.adapter.attach(self.conditioner)  # Textual Inversion adds its tokens and trainable rows here
+        self.image_condition = image_condition
+        if image_condition is not None:
+            image_condition.bind(backbone)
         self.autoencoder = autoencoder
         self.cond_dropout = cond_dropout
         self.optim = optim or OptimConfig()
@@ -175,6 +182,35 @@ class DiffusionModule(L.LightningModule):
         noise = keyed_normal(shape, key=key, positions=positions, generator=self._generator)
         return ae.encode(images, noise=noise)
 
+    def encode_condition(self, images: Tensor) -> Tensor:
+        """A conditioning image's latents: the autoencoder's posterior mode (a function of the image,
+        so that a cache holds what training computes), or the pixels without an autoencoder."""
+        if self.autoencoder is None:
+            return images
+        if getattr(self.autoencoder, "draws_posterior", False):
+            return self.autoencoder.encode(images, noise=torch.zeros(
+                (images.shape[0], self.autoencoder.latent_channels, images.shape[-2] // self.autoencoder.downsample_factor,
+                 images.shape[-1] // self.autoencoder.downsample_factor), device=images.device))
+        return self.autoencoder.encode(images)
+
+    def condition(self, batch: Mapping[str, Any]) -> Conditioning:
+        """The conditioner's condition of a batch with its image conditions (image_condition)."""
+        cond = self.conditioner(batch)
+        if self.image_condition is None:
+            return cond
+        return cond.replace(**self.image_condition(batch, self.encode_condition))
+
+    def null_condition(self, batch_size: int, cond: Conditioning) -> Conditioning:
+        """The null condition of ``cond``: the conditioner's, the image condition's null fields (zero
+        image embeddings), and ``cond``'s kept fields (its control, concatenated latents, sizes)."""
+        null = self.conditioner.null(batch_size, self.device)
+        if batch_size == cond.batch_size:  # guidance's; dropout's B = 1 null leaves kept fields to drop_condition
+            null = null.keeping(cond)
+        if self.image_condition is None:
+            return null
+        fields = self.image_condition.null(dict(cond.items()))
+        return null.replace(**{name: value.expand(batch_size, *value.shape[1:]) for name, value in fields.items()})
+
     def configure_model(self) -> None:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp)
         if mesh is not None and not self._sharded:
@@ -210,8 +246,8 @@ class DiffusionModule(L.LightningModule):
         key = (self.seed, self._batch_position(batch_idx))
         x0 = self.latents(batch, key)
         draws = self._draws(x0, key=key, drop_probability=self.cond_dropout, offset_noise=self.offset_noise)
-        cond = drop_condition(self.conditioner(batch), self.conditioner.null(1, self.device), self.cond_dropout,
-                              drop=draws.drop)
+        cond = self.condition(batch)
+        cond = drop_condition(cond, self.null_condition(1, cond), self.cond_dropout, drop=draws.drop)
         cond = with_time_ids(cond, batch, self.backbone)  # SDXL's image sizes: kept when the caption is dropped
         out = self.objective(partial(self.model(self.backbone), cond=cond), x0, t=draws.t, noise=draws.noise)
         if batch.get("loss_weight") is not None:  # e.g. DreamBooth's prior preservation (diffusion.data.dreambooth)
@@ -261,7 +297,7 @@ class DiffusionModule(L.LightningModule):
     # --- validation: fixed times and fixed noise ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x0 = self.latents(batch, key=(VALIDATION_KEY, batch_idx))
-        cond = with_time_ids(self.conditioner(batch), batch, self.backbone)
+        cond = with_time_ids(self.condition(batch), batch, self.backbone)
         # Noise keyed to each sample's place in the global validation batch, not to the run's seed:
         # the same for every run and every number of processes, so validation losses compare.
         noise = self._draws(x0, key=(VALIDATION_KEY, batch_idx), drop_probability=0.0).noise
@@ -297,18 +333,24 @@ class DiffusionModule(L.LightningModule):
         ``generator`` draws the initial noise and a stochastic sampler's noise: a PerSampleNoise of
         ``num`` seeds makes each sample depend on its own seed alone. ``grid`` (steps -> times) replaces
         the run's; ``eta`` goes to DDIM; ``precision="bf16"`` runs the backbone under bf16 autocast.
-        ``inputs``: Conditioning fields of the request that no conditioner makes (``control``, ``concat``),
-        batch-first with ``num`` samples; they stay in both branches of guidance (KEPT_FIELDS)."""
+        ``inputs``: the request's images for the image condition (image_condition), batch-first with
+        ``num`` samples, under the batch keys it reads (``conditioning_image``; ``image`` and ``mask``
+        for inpainting; ``ip_image``); a control and concatenated latents stay in both branches of
+        guidance (KEPT_FIELDS)."""
         if self.image_shape is None:
             raise ValueError("this module was built without image_shape; pass the (C, H, W) the backbone works in")
         s = self.sampling
         cond = self.conditioner.make(condition, num, self.device)
-        if inputs:  # the request's own condition fields, e.g. a control image: in both branches of guidance
-            cond = cond.replace(**{name: value.to(self.device) for name, value in inputs.items()})
+        if self.image_condition is not None:  # the request's images, made into fields as in training
+            request = {name: value.to(self.device) for name, value in (inputs or {}).items()}
+            cond = cond.replace(**self.image_condition(request, self.encode_condition))
+        elif inputs:
+            raise ValueError(f"sample(inputs={sorted(inputs)}): this model takes no image condition (image_condition "
+                             "is null); sample it without control, mask or ip_image")
         scale = s.cfg_scale if cfg_scale is None else cfg_scale
         with self.ema.applied(self.backbone) as averaged:  # the EMA weights' module
             backbone = self.model(autocast_backbone(averaged, self.device, precision))
-            model = ClassifierFreeGuidance(backbone, cond, self.conditioner.null(num, self.device).keeping(cond), scale)
+            model = ClassifierFreeGuidance(backbone, cond, self.null_condition(num, cond), scale)
             times = (grid or s.grid)(steps or s.steps)
             x = randn((num, *self.image_shape), generator, self.device, torch.float32)
             if (prior_std := self.schedule.prior_std(times[0].item())) != 1:  # a variance-exploding path
