@@ -353,6 +353,7 @@ def sample(cfg: DictConfig, *, out_key: str = "out", num_in_name: bool = False) 
     from diffusion.files import file_sha256
     from diffusion.precision import process_env, resolve_device, resolve_precision
     from diffusion.samplers import PerSampleNoise, get_sampler
+    from diffusion.sampling_inputs import load_inputs
 
     for key, what in (("num", "the number of images to sample"), ("batch_size", "the images of a batch")):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
@@ -363,6 +364,9 @@ def sample(cfg: DictConfig, *, out_key: str = "out", num_in_name: bool = False) 
     path = checkpoint_to_load(cfg.ckpt)
     model = load_module(path).to(device)
     args = opts.resolve(cfg, model, path, device, precision)
+    inputs = load_inputs(cfg, model)  # control=, image= and mask=, ip_image=
+    if inputs is not None:
+        args.manifest["inputs"] = inputs.manifest
     name = f"{args.sampler}_{args.steps}_cfg{args.cfg_scale:g}_seed{cfg.seed}" + (f"_num{cfg.num}" if num_in_name else "")
     out = Path(cfg[out_key]) if cfg.get(out_key) else run_of(path) / "samples" / name
     job.check_manifest(out, args.manifest, out_key=out_key)
@@ -379,7 +383,8 @@ def sample(cfg: DictConfig, *, out_key: str = "out", num_in_name: bool = False) 
         try:
             return model.sample(len(indices), condition, sampler=sampler, steps=args.steps,
                                 cfg_scale=args.cfg_scale, generator=noise, grid=args.grid, eta=args.eta,
-                                precision=precision, progress=False)
+                                precision=precision, progress=False,
+                                inputs=inputs.batch(indices) if inputs is not None else None)
         finally:
             hook.remove()
 

@@ -1,0 +1,182 @@
+"""Concatenated image conditions (issue 15): backbones with zero-initialised extra input channels,
+the inpainting condition's layout, the digits' random masks, and inpainting from the command line
+(train, sample.py image= mask=, the refusals)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from diffusion import cli
+from diffusion.backbones import build_dit, build_unet
+from diffusion.backbones.diffusers_unet import DiffusersUNet
+from diffusion.conditioning import Conditioning
+from diffusion.conditioning.image_inputs import ImageToImage, Inpaint
+from diffusion.data import DigitsDataModule
+from diffusion.data.masks import mask_generator, random_mask
+from diffusion.samplers import PerSampleNoise
+from diffusion.sampling_job import to_uint8
+from diffusion.sampling_options import noise_seed
+from tests.conftest import FAST, compose_config
+from tests.tiny_encoders import TINY_SD_UNET, tiny_sd_unet
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _without_extra_channels(with_concat: torch.nn.Module, plain: torch.nn.Module, conv: str) -> None:
+    """Load ``with_concat``'s weights into ``plain``, the first convolution cut to x_t's channels."""
+    state = with_concat.state_dict()
+    state[conv] = state[conv][:, : plain.in_channels]
+    plain.load_state_dict(state)
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_extra_input_channels_start_at_zero_so_the_backbone_ignores_the_condition(kind):
+    """At initialisation the backbone with 3 concatenated channels is the one without them, whatever
+    the condition; after a step on the condition its output depends on it."""
+    torch.manual_seed(0)
+    build, conv = (build_unet, "conv_in.weight") if kind == "unet" else (build_dit, "x_embedder.proj.weight")
+    model = build(f"{kind}_tiny", in_channels=2, concat_channels=3, num_classes=4)
+    plain = build(f"{kind}_tiny", in_channels=2, num_classes=4)
+    for p in model.parameters():  # a trained model: nothing is zero but the new channels
+        if p.ndim > 1 and p is not dict(model.named_parameters())[conv]:
+            torch.nn.init.normal_(p, std=0.05)
+    _without_extra_channels(model, plain, conv)
+    x, t, labels = _randn(2, 2, 8, 8, seed=1), torch.tensor([0.3, 0.8]), torch.tensor([1, 2])
+    cond = Conditioning(labels=labels, concat=_randn(2, 3, 8, 8, seed=2))
+    torch.testing.assert_close(model(x, t, cond), plain(x, t, Conditioning(labels=labels)), rtol=0, atol=0)
+    weight = dict(model.named_parameters())[conv]
+    assert weight[:, 2:].abs().sum() == 0 and weight[:, :2].abs().sum() > 0
+    model(x, t, cond).square().mean().backward()
+    assert weight.grad[:, 2:].abs().sum() > 0  # the new channels learn
+
+
+def test_backbones_refuse_a_missing_or_unexpected_concatenated_condition():
+    model = build_unet("unet_tiny", in_channels=2, concat_channels=3)
+    x, t = torch.zeros(1, 2, 8, 8), torch.full((1,), 0.5)
+    with pytest.raises(ValueError, match="cond.concat is None"):
+        model(x, t, Conditioning())
+    with pytest.raises(ValueError, match=r"cond.concat must be \(B, 3, 8, 8\)"):
+        model(x, t, Conditioning(concat=torch.zeros(1, 2, 8, 8)))
+    with pytest.raises(ValueError, match="built without concatenated conditions"):
+        build_dit("dit_tiny", in_channels=2)(x, t, Conditioning(concat=torch.zeros(1, 3, 8, 8)))
+
+
+def test_the_wrapped_sd_unet_gains_zero_input_channels_and_saves_them_as_diffusers_reads_them(tmp_path):
+    """A 4-channel SD UNet given inpainting's 5 extra channels (InstructPix2Pix's recipe) equals the
+    base UNet at first; saved, diffusers reads a 9-channel UNet that our wrapper takes as it is."""
+    base = tiny_sd_unet(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    ours = DiffusersUNet(pretrained=str(tmp_path / "base"), in_channels=4, token_dim=32, concat_channels=5).eval()
+    assert ours.unet.config.in_channels == 9 and ours.in_channels == 4
+    x, t, tokens = _randn(2, 4, 8, 8, seed=1), torch.tensor([0.25, 0.75]), _randn(2, 3, 32, seed=2)
+    cond = Conditioning(tokens=tokens, concat=_randn(2, 5, 8, 8, seed=3))
+    with torch.no_grad():
+        expected = base(x, ours.timestep(t), encoder_hidden_states=tokens).sample
+        torch.testing.assert_close(ours(x, t, cond), expected, rtol=0, atol=0)
+        ours.unet.conv_in.weight[:, 4:].normal_()  # trained: the condition now matters
+        ours.unet.save_pretrained(tmp_path / "inpaint")
+        again = DiffusersUNet(pretrained=str(tmp_path / "inpaint"), in_channels=4, token_dim=32, concat_channels=5)
+        torch.testing.assert_close(again.eval()(x, t, cond), ours(x, t, cond))
+    from diffusers import UNet2DConditionModel
+
+    assert UNet2DConditionModel.from_pretrained(tmp_path / "inpaint").config.in_channels == 9
+    with pytest.raises(ValueError, match="image_condition=inpaint"):  # a 9-channel UNet without the condition
+        DiffusersUNet(pretrained=str(tmp_path / "inpaint"), in_channels=4, token_dim=32)
+    with pytest.raises(ValueError, match="neither the latents' 4 nor"):
+        DiffusersUNet(config={**TINY_SD_UNET, "in_channels": 6}, in_channels=4, token_dim=32, concat_channels=5)
+
+
+def test_inpainting_condition_is_the_mask_and_the_masked_images_latents():
+    """SD's inpainting layout: [the mask at the latents' size (nearest), latents of image * (mask < 0.5)]."""
+    image, mask = _randn(2, 3, 16, 16, seed=0).clamp(-1, 1), (torch.rand(2, 1, 16, 16) > 0.5).float()
+    encode = lambda x: F.avg_pool2d(x, 4)[:, :2] * 3  # noqa: E731  a stand-in autoencoder: 4x smaller, 2 channels
+    concat = Inpaint()({"image": image, "mask": mask}, encode)["concat"]
+    assert concat.shape == (2, 3, 4, 4) and Inpaint().concat_channels(2) == 3
+    torch.testing.assert_close(concat[:, :1], mask[:, :, ::4, ::4])  # nearest: the top-left pixel of each 4x4
+    torch.testing.assert_close(concat[:, 1:], encode(torch.where(mask > 0.5, 0.0, image)))
+    cached = {"concat": concat}  # what cache.py stored is used as it is
+    assert Inpaint()(cached, encode)["concat"] is concat
+    with pytest.raises(ValueError, match=r"needs batch keys \['image', 'mask'\]"):
+        Inpaint()({"image": image}, encode)
+    with pytest.raises(ValueError, match=r"batch\['mask'\] must be \(B, 1, H, W\)"):
+        Inpaint()({"image": image, "mask": mask[:, :, :8]}, encode)
+    assert ImageToImage()({"conditioning_image": image}, encode)["concat"].shape == (2, 2, 4, 4)
+
+
+def test_digit_masks_are_drawn_per_sample_and_epoch_and_loaded_identically():
+    data = DigitsDataModule(masks=True, seed=3)
+    dataset = data.dataset("train")
+    first = dataset[5]["mask"]
+    assert first.shape == (1, 8, 8) and set(first.unique().tolist()) <= {0.0, 1.0} and first.sum() > 0
+    torch.testing.assert_close(first, random_mask(8, 8, mask_generator(3, 0, 5)))
+    masks = torch.stack([dataset[i]["mask"] for i in range(200)])
+    full = masks.flatten(1).all(1).float().mean()
+    assert 0.02 < full < 0.25  # p_full = 0.1
+    coverage = masks.mean()
+    assert 0.15 < coverage < 0.7
+    assert not torch.equal(random_mask(8, 8, mask_generator(3, 1, 5)), first) or not torch.equal(
+        random_mask(8, 8, mask_generator(3, 2, 5)), first)  # a new mask in another epoch
+    assert "mask" not in DigitsDataModule().dataset("train")[0]
+
+
+def _write_png(path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path)
+
+
+def test_inpainting_trains_from_the_command_line_and_samples_with_image_and_mask(tmp_path):
+    run = tmp_path / "run"
+    cli.train(compose_config("train", [*FAST, "experiment=digits_inpaint"], run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    model = cli.load_module(ckpt)
+    assert type(model.image_condition).__name__ == "Inpaint" and model.backbone.concat_channels == 2
+    digits = np.random.default_rng(0).integers(0, 255, (3, 8, 8))
+    for i, digit in enumerate(digits):
+        _write_png(tmp_path / "images" / f"{i}.png", digit)
+    mask = np.zeros((8, 8)); mask[2:6] = 255
+    _write_png(tmp_path / "mask.png", mask)
+    args = [f"ckpt={ckpt}", "num=4", "batch_size=3", "steps=2", "precision=32", "progress=false",
+            f"image={tmp_path / 'images'}", f"mask={tmp_path / 'mask.png'}"]
+    npz = cli.sample(compose_config("sample", [*args, f"out={tmp_path / 'out'}"], tmp_path))
+    images = np.load(npz)["arr_0"]
+    # Image i: file i % 3 under the mask, label i (cycled), its own seed; a direct call reproduces it.
+    pixels = torch.from_numpy(digits).float().div(127.5).sub(1)[:, None]
+    hole = torch.from_numpy(mask > 127).float()[None, None]
+    for i in (0, 3):
+        direct = model.sample(1, [i], steps=2, generator=PerSampleNoise([noise_seed(0, i)]),
+                              inputs={"image": pixels[i % 3:i % 3 + 1], "mask": hole})
+        np.testing.assert_array_equal(to_uint8(direct), images[i:i + 1])
+    assert not np.array_equal(images[0], images[3])  # another label and seed on the same request
+    for bad, message in [([f"image={tmp_path / 'images'}"], "takes image=PATH, mask=PATH"),
+                         ([f"image={tmp_path / 'images'}", f"mask={tmp_path / 'none.png'}"], "no such image file"),
+                         ([f"image={tmp_path / 'images'}", f"mask={tmp_path / 'mask.png'}",
+                           f"control={tmp_path / 'mask.png'}"], "takes image=PATH, mask=PATH")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            cli.sample(compose_config("sample", [f"ckpt={ckpt}", "num=2", *bad, f"out={tmp_path / 'no'}"], tmp_path))
+    assert not (tmp_path / "no").exists()  # refused before the job wrote anything
+    with pytest.raises(ValueError, match="masks for each sample each epoch|draws a new mask"):
+        cli.train(compose_config("train", [*FAST, "experiment=digits_inpaint", f"cache_dir={tmp_path / 'c'}"],
+                                 tmp_path / "cached"))
+
+
+def test_a_model_without_image_condition_refuses_image_inputs(tmp_path):
+    from tests.conftest import train_tiny_checkpoint
+
+    ckpt = train_tiny_checkpoint(tmp_path / "run")
+    _write_png(tmp_path / "c.png", np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="takes no image condition"):
+        cli.sample(compose_config("sample", [f"ckpt={ckpt}", "num=2", f"control={tmp_path / 'c.png'}",
+                                             f"out={tmp_path / 'out'}"], tmp_path))
+
+
+def test_a_backbone_without_concat_channels_is_refused_by_name(tmp_path):
+    cfg = compose_config("train", [*FAST, "image_condition=inpaint", "data.module.masks=true"], tmp_path)
+    cfg.backbone._target_ = "diffusion.backbones.diffusers_mmdit.SD3Transformer"
+    with pytest.raises(ValueError, match="takes no concat_channels"):
+        cli.build_module(cfg)
