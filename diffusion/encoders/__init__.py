@@ -1,8 +1,10 @@
-"""Frozen text encoders: prompts -> Conditioning(tokens, mask, pooled), with the null (empty-prompt) condition."""
+"""Frozen text encoders: prompts -> Conditioning(tokens, mask, pooled), with the null (empty-prompt) condition;
+frozen image encoders: images -> image-prompt embeddings (B, N, D) (IP-Adapter)."""
 
 from diffusion.encoders.base import TextEncoder
 from diffusion.encoders.hf import HFTextEncoder
+from diffusion.encoders.image import CLIPImageEncoder
 from diffusion.encoders.joint import JointTextEncoder
 from diffusion.encoders.openclip import OpenCLIPTextEncoder
 
-__all__ = ["HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]
+__all__ = ["CLIPImageEncoder", "HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]

@@ -1,0 +1,133 @@
+"""Frozen image encoders for image prompts (IP-Adapter, Ye et al. 2023): images -> (B, N, D) embeddings.
+
+``CLIPImageEncoder`` is Hugging Face's ``CLIPVisionModelWithProjection``, what diffusers' IP-Adapter
+pipelines run as ``image_encoder``: its ``image_embeds`` (the projected CLS state, (B, D)) is what the
+IP-Adapter's image projection reads, here as one token (B, 1, D). Our images ([-1, 1], any size)
+are preprocessed in torch as ``CLIPImageProcessor`` does (the processor diffusers' pipelines feed the
+encoder with): the shortest side resized to ``size`` (bicubic, antialiased, its width and height
+passes clamped to the pixel range as the processor's 8-bit resize clamps them), a centre crop of ``crop_size``, and CLIP's mean and std;
+on an 8-bit image it equals the processor's up to the rounding to 8 bits after resizing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffusion._checks import check_choice
+from diffusion.frozen import FrozenModule, weights_sha256
+
+#: OpenAI CLIP's pixel statistics (CLIPImageProcessor's image_mean and image_std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CLIPImageEncoder(FrozenModule):
+    """forward(images (B, 3, H, W) in [-1, 1]) -> image_embeds (B, 1, embed_dim), float32.
+
+    Args:
+        pretrained: a hub id or local directory of a ``CLIPVisionModelWithProjection`` (e.g.
+            h94/IP-Adapter with ``subfolder="models/image_encoder"``, ViT-H/14 for SD 1.5's
+            ip-adapter_sd15). Exactly one of ``pretrained`` and ``config``.
+        subfolder: where the encoder lies in the repository.
+        config: ``CLIPVisionConfig`` arguments, for a randomly initialised encoder (tests).
+        size: the shortest side the image is resized to; None: the model's ``image_size`` (224).
+        crop_size: the side of the centre crop; None: the model's ``image_size``.
+        dtype: what the frozen weights are stored in; the embeddings come out float32.
+    """
+
+    num_tokens = 1
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        subfolder: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        size: int | None = None,
+        crop_size: int | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        import transformers
+
+        check_choice("image_encoder.dtype", dtype, tuple(DTYPES))
+        if (pretrained is None) == (config is None):
+            raise ValueError("CLIPImageEncoder needs exactly one of pretrained (a hub id or a directory of a "
+                             "CLIPVisionModelWithProjection) and config (CLIPVisionConfig arguments), got "
+                             f"pretrained={pretrained!r} and config={'a dict' if config is not None else None}")
+        if pretrained is not None:
+            sub = {} if subfolder is None else {"subfolder": subfolder}
+            self.model = transformers.CLIPVisionModelWithProjection.from_pretrained(
+                pretrained, dtype=DTYPES[dtype], **sub)
+            self.source = pretrained if subfolder is None else f"{pretrained}/{subfolder}"
+        else:
+            vision = transformers.CLIPVisionConfig(**dict(config))
+            self.model = transformers.CLIPVisionModelWithProjection(vision).to(DTYPES[dtype])
+            self.source = "config"
+        image_size = int(self.model.config.image_size)
+        self.size = int(size) if size is not None else image_size
+        self.crop_size = int(crop_size) if crop_size is not None else image_size
+        if not 1 <= self.crop_size <= self.size:
+            raise ValueError(f"CLIPImageEncoder: crop_size={self.crop_size} must lie in [1, size={self.size}] (the "
+                             "crop is taken from the image resized to that shortest side)")
+        self.embed_dim = int(self.model.config.projection_dim)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self._freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """CLIPImageProcessor's pixel_values of images in [-1, 1]: (B, 3, crop_size, crop_size), float32."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W) in [-1, 1], got "
+                             f"{tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects float images in [-1, 1], got dtype {images.dtype} "
+                             "(uint8 pixels: divide by 127.5 and subtract 1)")
+        x = (images.float() + 1) / 2
+        h, w = x.shape[-2:]
+        # The shortest side to `size`, the longest truncated as the processor truncates it.
+        new = (self.size, int(self.size * w / h)) if h <= w else (int(self.size * h / w), self.size)
+        # As the processor's 8-bit resize (PIL's, and torchvision's on uint8): the width pass, then the height
+        # pass, each result clamped to the pixel range (it stores 8-bit pixels between the passes).
+        for shape in ((h, new[1]), new):
+            x = F.interpolate(x, size=shape, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        top, left = int((new[0] - self.crop_size) / 2.0), int((new[1] - self.crop_size) / 2.0)
+        x = x[..., top:top + self.crop_size, left:left + self.crop_size]
+        return (x - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            pixels = self.preprocess(images.to(self.device))
+            embeds = self.model(pixel_values=pixels.to(self.dtype)).image_embeds
+        return embeds.float().unsqueeze(1)
+
+    def null_embeds(self, batch_size: int = 1) -> Tensor:
+        """The null image prompt: zero embeddings (B, 1, embed_dim), as diffusers' pipelines take for the
+        unconditional branch of an IP-Adapter (non-plus)."""
+        return torch.zeros(batch_size, self.num_tokens, self.embed_dim, device=self.device)
+
+    def fingerprint(self) -> dict[str, str]:
+        """What determines the embeddings, e.g. to check that cached image embeddings match this encoder."""
+        return {
+            "class": type(self).__name__,
+            "source": self.source,
+            "sha256": weights_sha256(self),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "size": str(self.size),
+            "crop_size": str(self.crop_size),
+            "embed_dim": str(self.embed_dim),
+            "num_tokens": str(self.num_tokens),
+        }
