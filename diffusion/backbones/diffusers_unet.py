@@ -191,10 +191,30 @@ class DiffusersUNet(nn.Module):
             if ids.shape != (x.shape[0], 6):
                 raise ValueError(f"{self.name} needs cond.time_ids of shape ({x.shape[0]}, 6), got {tuple(ids.shape)}")
             added = {"text_embeds": cond.pooled.to(dtype), "time_ids": ids.to(dtype)}
+        ip = self.image_embeds(x, cond)
+        if ip is not None:  # one IP-Adapter: a list of one (B, N images, D) tensor, as diffusers' pipelines pass
+            added = {**(added or {}), "image_embeds": [ip.to(dtype)]}
         x_in = with_concat(self.name, x, cond, self.concat_channels)
         out = self.unet(x_in.to(dtype), self.timestep(t), encoder_hidden_states=cond.tokens.to(dtype),
                         encoder_attention_mask=mask, added_cond_kwargs=added, return_dict=False)[0]
         return out.to(x.dtype)
+
+    def image_embeds(self, x: Tensor, cond: Conditioning) -> Tensor | None:
+        """cond.image_embeds (B, N, D), checked, for a UNet with an IP-Adapter (diffusion.ip_adapter); None without."""
+        from diffusion.ip_adapter import image_embed_dim
+
+        width = image_embed_dim(self.unet)
+        if width is None:
+            if cond.image_embeds is not None:
+                raise ValueError(f"{self.name} takes no cond.image_embeds (an image prompt), but they were given: add "
+                                 "an IP-Adapter (adapter=ip_adapter) or leave the image prompt out")
+            return None
+        got = None if cond.image_embeds is None else tuple(cond.image_embeds.shape)
+        if got is None or got[0] != x.shape[0] or got[2] != width:
+            raise ValueError(f"{self.name} has an IP-Adapter and needs cond.image_embeds of shape ({x.shape[0]}, N, "
+                             f"{width}), the image encoder's embeddings of N image prompts (zeros: no image "
+                             f"prompt); got {got}")
+        return cond.image_embeds
 
     def time_ids(self, x: Tensor) -> Tensor:
         """SDXL's (B, 6) time ids for latents x: (original h, w, crop top, left, target h, w), in pixels."""

@@ -1,0 +1,178 @@
+"""IP-Adapter (Ye et al. 2023) on the wrapped diffusers UNet: an image prompt through decoupled
+cross-attention.
+
+An image encoder's embedding (CLIP's projected image embedding, diffusion.encoders.image) goes
+through the image projection (a linear layer to ``NUM_TOKENS`` tokens of the cross-attention width,
+then LayerNorm; diffusers' ``ImageProjection``); every cross-attention layer gains its own key and
+value maps of those tokens, ``to_k_ip`` and ``to_v_ip``, initialised from the text ``to_k`` and
+``to_v`` (the paper, sec. 3.2), and returns ``Attention(q, K_text, V_text) + scale * Attention(q,
+K_image, V_image)`` (before its output projection). Only the projection and the new maps train.
+
+The modules are diffusers' own (``IPAdapterAttnProcessor2_0``, ``MultiIPAdapterImageProjection``),
+put in place by the UNet's loader from a state dict in the layout of a released IP-Adapter file
+({"image_proj": {"proj.weight", ...}, "ip_adapter": {"1.to_k_ip.weight", ...}}), so that what
+trains here is what ``pipeline.load_ip_adapter`` builds from the file :func:`save_ip_adapter` writes.
+
+The null image prompt is zero embeddings (diffusers' pipelines' negative image embeds): they project
+to the tokens ``LayerNorm(proj.bias)``, not to zero tokens; ``scale = 0`` is what leaves the base UNet's
+output as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.adapters import Adapter, _check_base_dtype
+
+#: Image tokens per image embedding: the paper's 4, which diffusers' loader assumes for this layout.
+NUM_TOKENS = 4
+#: The file names :func:`save_ip_adapter` writes (``pipeline.load_ip_adapter(dir, subfolder="", weight_name=...)``).
+WEIGHT_NAMES = ("ip_adapter.safetensors", "ip_adapter.bin")
+
+
+def _unet(backbone: nn.Module) -> nn.Module:
+    unet = getattr(backbone, "unet", None)
+    if type(backbone).__name__ != "DiffusersUNet" or unet is None:
+        raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, "
+                         f"sdxl_unet), not {type(backbone).__name__}")
+    return unet
+
+
+def cross_attention_processors(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, processor) of the UNet's cross-attention layers, in the order diffusers numbers them
+    (``attn_processors``; the i-th is key ``2 i + 1`` of a released file)."""
+    return [(name, proc) for name, proc in unet.attn_processors.items()
+            if not name.endswith("attn1.processor") and "motion_modules" not in name]
+
+
+def has_ip_adapter(unet: nn.Module) -> bool:
+    return unet.config.encoder_hid_dim_type == "ip_image_proj" and unet.encoder_hid_proj is not None
+
+
+def image_embed_dim(unet: nn.Module) -> int | None:
+    """The width of the image embeddings the UNet's IP-Adapter takes; None without one."""
+    if not has_ip_adapter(unet):
+        return None
+    return int(unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features)
+
+
+def initial_state_dict(unet: nn.Module, embed_dim: int) -> dict[str, dict[str, Tensor]]:
+    """A new IP-Adapter for ``unet`` in a released file's layout: the projection as nn.Linear and
+    nn.LayerNorm initialise (from the global RNG), ``to_k_ip`` / ``to_v_ip`` copies of each
+    cross-attention layer's ``to_k`` / ``to_v``."""
+    width = int(unet.config.cross_attention_dim)
+    proj, norm = nn.Linear(embed_dim, NUM_TOKENS * width), nn.LayerNorm(width)
+    image_proj = {"proj.weight": proj.weight.detach(), "proj.bias": proj.bias.detach(),
+                  "norm.weight": norm.weight.detach(), "norm.bias": norm.bias.detach()}
+    layers: dict[str, Tensor] = {}
+    for i, (name, _) in enumerate(cross_attention_processors(unet)):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if attn.to_k.bias is not None or attn.to_v.bias is not None:
+            raise ValueError(f"{name}: its to_k / to_v have a bias, which IP-Adapter's to_k_ip / to_v_ip lack")
+        layers[f"{2 * i + 1}.to_k_ip.weight"] = attn.to_k.weight.detach().clone().float()
+        layers[f"{2 * i + 1}.to_v_ip.weight"] = attn.to_v.weight.detach().clone().float()
+    if not layers:
+        raise ValueError("adapter=ip_adapter: the UNet has no cross-attention layer to add image tokens to")
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def add_ip_adapter(unet: nn.Module, embed_dim: int, state: dict[str, dict[str, Tensor]] | None = None) -> None:
+    """Put an IP-Adapter into ``unet`` (in place): ``state`` (a released file's layout), or a new one
+    (:func:`initial_state_dict`). Its scale starts at 1."""
+    if unet.config.encoder_hid_dim_type is not None:
+        raise ValueError(f"the UNet has encoder_hid_dim_type={unet.config.encoder_hid_dim_type!r} already (an "
+                         "IP-Adapter or a text projection); adapter=ip_adapter adds one to a plain SD UNet")
+    if embed_dim < 1:
+        raise ValueError(f"adapter.image_embed_dim={embed_dim}: the image encoder's embedding width must be >= 1")
+    state = state if state is not None else initial_state_dict(unet, embed_dim)
+    unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+
+
+def ip_adapter_state_dict(unet: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """The UNet's IP-Adapter in a released file's layout (what diffusers' loader reads)."""
+    if not has_ip_adapter(unet):
+        raise ValueError("the UNet carries no IP-Adapter (adapter=ip_adapter)")
+    projection = unet.encoder_hid_proj.image_projection_layers[0]
+    image_proj = {"proj.weight": projection.image_embeds.weight, "proj.bias": projection.image_embeds.bias,
+                  "norm.weight": projection.norm.weight, "norm.bias": projection.norm.bias}
+    layers = {}
+    for i, (_, proc) in enumerate(cross_attention_processors(unet)):
+        layers[f"{2 * i + 1}.to_k_ip.weight"] = proc.to_k_ip[0].weight
+        layers[f"{2 * i + 1}.to_v_ip.weight"] = proc.to_v_ip[0].weight
+    detach = lambda d: {k: v.detach().float().cpu().contiguous() for k, v in d.items()}  # noqa: E731
+    return {"image_proj": detach(image_proj), "ip_adapter": detach(layers)}
+
+
+def save_ip_adapter(backbone: nn.Module, directory: str | Path) -> list[Path]:
+    """``ip_adapter.safetensors`` (keys ``image_proj.*`` and ``ip_adapter.*``) and ``ip_adapter.bin`` (the
+    nested dict, as h94/IP-Adapter's ``.bin`` files) of a DiffusersUNet's IP-Adapter; diffusers reads
+    either with ``pipeline.load_ip_adapter(directory, subfolder="", weight_name=...)``."""
+    from safetensors.torch import save_file
+
+    state = ip_adapter_state_dict(_unet(backbone))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = {f"{part}.{key}": value for part, values in state.items() for key, value in values.items()}
+    safetensors, binary = directory / WEIGHT_NAMES[0], directory / WEIGHT_NAMES[1]
+    save_file(flat, safetensors)
+    torch.save(state, binary)
+    return [safetensors, binary]
+
+
+def set_ip_scale(backbone: nn.Module, scale: float) -> None:
+    """The weight of the image attention in every cross-attention layer (1 in training; 0 leaves the
+    base UNet's output), as diffusers' ``pipeline.set_ip_adapter_scale``."""
+    unet = _unet(backbone)
+    if not has_ip_adapter(unet):
+        raise ValueError(f"{getattr(backbone, 'name', 'the backbone')} carries no IP-Adapter, so it has no ip_scale: "
+                         "train or load one with adapter=ip_adapter")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"ip_scale={scale!r}: give a number (1 as trained, 0 ignores the image prompt)")
+    for _, proc in cross_attention_processors(unet):
+        proc.scale = [float(scale)] * len(proc.scale)
+
+
+def is_ip_parameter(name: str) -> bool:
+    """Whether a DiffusersUNet parameter is the IP-Adapter's: the image projection or a to_k_ip / to_v_ip."""
+    return name.startswith("unet.encoder_hid_proj.") or ".to_k_ip." in name or ".to_v_ip." in name
+
+
+class IPAdapter(Adapter):
+    """adapter=ip_adapter: the backbone's weights fixed, an IP-Adapter added and trained (the image
+    projection, each cross-attention layer's to_k_ip and to_v_ip). ``image_embed_dim``: the width of
+    the image encoder's embeddings (its ``embed_dim``: 1024 for IP-Adapter SD 1.5's OpenCLIP ViT-H/14).
+    ``scale``: the image attention's weight the backbone starts with (1 as trained; sampling may set
+    another with :func:`set_ip_scale`). ``base``: as adapter=lora's. The end of training and export.py
+    write :data:`WEIGHT_NAMES` (diffusers' layout) from the EMA backbone."""
+
+    name = "ip_adapter"
+    trains_base = False
+
+    def __init__(self, image_embed_dim: int, scale: float = 1.0, base: str | None = None,
+                 base_dtype: str = "float32") -> None:
+        if not isinstance(image_embed_dim, int) or isinstance(image_embed_dim, bool) or image_embed_dim < 1:
+            raise ValueError(f"adapter.image_embed_dim={image_embed_dim!r}: give the image encoder's embedding width "
+                             "(an integer, e.g. 1024 for OpenCLIP ViT-H/14)")
+        if _check_base_dtype(base_dtype) != "float32":
+            raise ValueError(f"adapter.base_dtype={base_dtype}: adapter=ip_adapter keeps the UNet's base weights "
+                             "float32 (diffusers' IP-Adapter attention mixes the base's and the adapter's dtypes); "
+                             "use precision=bf16 (autocast) for speed")
+        self.image_embed_dim = image_embed_dim
+        self.scale = float(scale)
+        self.base = base
+        self.base_dtype = base_dtype
+
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        unet = _unet(backbone)
+        backbone.requires_grad_(False)
+        add_ip_adapter(unet, self.image_embed_dim)
+        for name, param in backbone.named_parameters():
+            param.requires_grad_(is_ip_parameter(name))
+        set_ip_scale(backbone, self.scale)
+        return backbone
+
+    def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
+        return save_ip_adapter(module.ema.module, directory)
