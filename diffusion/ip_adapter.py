@@ -122,6 +122,23 @@ def save_ip_adapter(backbone: nn.Module, directory: str | Path) -> list[Path]:
     return [safetensors, binary]
 
 
+def without_ip_adapter(backbone: nn.Module) -> nn.Module:
+    """A copy of a DiffusersUNet with its IP-Adapter taken out: the base UNet (its state_dict has the keys
+    of one built without it), e.g. for a pipeline's ``unet/`` next to ``ip_adapter.safetensors``."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = _unet(backbone)
+    if not has_ip_adapter(unet):
+        raise ValueError("the UNet carries no IP-Adapter (adapter=ip_adapter)")
+    model = copy.deepcopy(backbone)
+    model.unet.encoder_hid_proj = None
+    model.unet.config.encoder_hid_dim_type = None
+    model.unet.set_attn_processor(AttnProcessor2_0())  # what a UNet is built with
+    return model
+
+
 def set_ip_scale(backbone: nn.Module, scale: float) -> None:
     """The weight of the image attention in every cross-attention layer (1 in training; 0 leaves the
     base UNet's output), as diffusers' ``pipeline.set_ip_adapter_scale``."""

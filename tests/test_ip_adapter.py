@@ -24,6 +24,7 @@ from diffusion.ip_adapter import (
     cross_attention_processors,
     save_ip_adapter,
     set_ip_scale,
+    without_ip_adapter,
 )
 from diffusion.samplers import ClassifierFreeGuidance, ddim, grids
 from diffusion.schedules import DDPM
@@ -209,6 +210,16 @@ def test_scale_0_is_the_base_unet_and_zero_embeddings_are_not_zero_tokens():
     torch.testing.assert_close(null_tokens, expected.expand(2, -1, -1))
     assert not torch.allclose(with_null, plain, atol=1e-4)
     assert not torch.allclose(with_image, with_null, atol=1e-4)
+
+
+def test_without_the_adapter_is_the_base_unet():
+    backbone, base = _adapted(seed=24), _unet(seed=24)
+    plain = without_ip_adapter(backbone)
+    assert plain.unet.state_dict().keys() == base.unet.state_dict().keys()
+    x, t, tokens = _randn(2, 4, 8, 8, seed=25), torch.tensor([0.2, 0.7]), _randn(2, 5, WIDTH, seed=26)
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, Conditioning(tokens=tokens)), base(x, t, Conditioning(tokens=tokens)))
+        backbone(x, t, Conditioning(tokens=tokens, image_embeds=torch.zeros(2, 1, EMBED)))  # the original keeps it
 
 
 # --- diffusers loads our file ------------------------------------------------------------------------
