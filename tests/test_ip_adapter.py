@@ -324,3 +324,24 @@ def test_the_config_group_builds_the_adapter(tmp_path):
     adapter = instantiate(node, _convert_="all")
     assert isinstance(adapter, IPAdapter) and adapter.image_embed_dim == EMBED and adapter.scale == 1.0
     assert not adapter.trains_base
+
+
+def test_an_sdxl_unet_takes_the_image_prompt_with_its_pooled_vector_and_time_ids():
+    """SDXL's added conditions and the image embeddings go in together, as diffusers' SDXL pipeline passes them."""
+    from tests.test_sdxl import POOLED, TINY_SDXL_UNET
+    from tests.test_sdxl import WIDTH as SDXL_WIDTH
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(27)
+        backbone = DiffusersUNet(config=TINY_SDXL_UNET, in_channels=4, token_dim=SDXL_WIDTH, pooled_dim=POOLED).eval()
+        IPAdapter(image_embed_dim=EMBED).apply(backbone)
+    x, t = _randn(2, 4, 8, 8, seed=28), torch.tensor([0.2, 0.7])
+    cond = Conditioning(tokens=_randn(2, 5, SDXL_WIDTH, seed=29), pooled=_randn(2, POOLED, seed=30),
+                        image_embeds=_randn(2, 1, EMBED, seed=31))
+    with torch.no_grad():
+        ours = backbone(x, t, cond)
+        theirs = backbone.unet(x, backbone.timestep(t), encoder_hidden_states=cond.tokens, added_cond_kwargs={
+            "text_embeds": cond.pooled, "time_ids": backbone.time_ids(x), "image_embeds": [cond.image_embeds]}).sample
+        null = backbone(x, t, cond.replace(image_embeds=torch.zeros_like(cond.image_embeds)))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert not torch.allclose(ours, null, atol=1e-4)

@@ -16,6 +16,10 @@ them (``cond.time_ids``, diffusion.conditioning.micro: the file's size, the crop
 as diffusers' SDXL script trains. Where the condition has none (sampling, data without sizes) they
 come from config: ``time_ids`` null sizes are the image's size, latent size times
 ``pixels_per_latent`` (what diffusers' SDXL pipeline passes by default), crop (0, 0).
+
+With an IP-Adapter (adapter=ip_adapter, diffusion.ip_adapter) the UNet also takes ``cond.image_embeds``
+(B, N, D), N image prompts' embeddings (zeros: none), passed as diffusers' pipelines pass them
+(``added_cond_kwargs["image_embeds"]``, a list of one tensor: one IP-Adapter).
 """
 
 from __future__ import annotations
