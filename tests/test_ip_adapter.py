@@ -377,7 +377,11 @@ def test_an_ip_adapter_fine_tune_from_the_command_line_writes_diffusers_files(tm
     trained = {n: p for n, p in backbone.named_parameters() if ".to_k_ip." in n}
     assert trained and all(not torch.equal(p, base.unet.get_parameter(n.removeprefix("unet.").replace(
         "processor.to_k_ip.0", "to_k"))) for n, p in trained.items())  # trained off its initial value
-    _pipeline_predicts_as(backbone, base.unet, run, WEIGHT_NAMES[0])
+    _pipeline_predicts_as(backbone, tmp_path / "parts" / "unet", run, WEIGHT_NAMES[0])
+    export = cli.export(compose_config("export", [f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+                                                  f"out={tmp_path / 'export'}"], tmp_path))
+    for name in WEIGHT_NAMES:  # export.py writes them too, from the checkpoint's EMA backbone
+        _pipeline_predicts_as(backbone, tmp_path / "parts" / "unet", export, name)
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         prompted = model.sample(1, ["a cat"], steps=2, generator=torch.Generator().manual_seed(0),
@@ -387,8 +391,11 @@ def test_an_ip_adapter_fine_tune_from_the_command_line_writes_diffusers_files(tm
     assert prompted.shape == unprompted.shape and not torch.allclose(prompted, unprompted, atol=1e-4)
 
 
-def _pipeline_predicts_as(backbone, base_unet, directory: Path, weight_name: str) -> None:
-    pipe = _pipeline(base_unet, None)
+def _pipeline_predicts_as(backbone, base_unet: Path, directory: Path, weight_name: str) -> None:
+    """A pipeline of the base UNet saved in ``base_unet``, our file in ``directory`` loaded, predicts as ``backbone``."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = _pipeline(UNet2DConditionModel.from_pretrained(base_unet), None)
     pipe.load_ip_adapter(str(directory), subfolder="", weight_name=weight_name, image_encoder_folder=None)
     x, t = _randn(2, 4, 8, 8, seed=33), torch.tensor([0.3, 0.8])
     cond = Conditioning(tokens=_randn(2, 5, WIDTH, seed=34), image_embeds=_randn(2, 1, EMBED, seed=35))
