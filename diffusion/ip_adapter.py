@@ -13,6 +13,10 @@ put in place by the UNet's loader from a state dict in the layout of a released 
 ({"image_proj": {"proj.weight", ...}, "ip_adapter": {"1.to_k_ip.weight", ...}}), so that what
 trains here is what ``pipeline.load_ip_adapter`` builds from the file :func:`save_ip_adapter` writes.
 
+Our DiT takes the same adapter (its cross-attention's ``ip_kv`` from its ``kv``, diffusion.backbones.layers
+.Attention, and an :class:`ImageProjection` of its own to the width of its blocks); its checkpoints hold
+it, there being no other program's layout to write.
+
 The null image prompt is zero embeddings (diffusers' pipelines' negative image embeds): they project
 to the tokens ``LayerNorm(proj.bias)``, not to zero tokens; ``scale = 0`` is what leaves the base UNet's
 output as it is.
@@ -33,12 +37,53 @@ NUM_TOKENS = 4
 WEIGHT_NAMES = ("ip_adapter.safetensors", "ip_adapter.bin")
 
 
+KINDS = ("DiffusersUNet", "DiT")
+
+
 def _unet(backbone: nn.Module) -> nn.Module:
     unet = getattr(backbone, "unet", None)
     if type(backbone).__name__ != "DiffusersUNet" or unet is None:
-        raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, "
-                         f"sdxl_unet), not {type(backbone).__name__}")
+        raise ValueError(f"{type(backbone).__name__} is not a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, "
+                         "sdxl_unet), whose IP-Adapter is written in diffusers' layout")
     return unet
+
+
+def _kind(backbone: nn.Module) -> str:
+    kind = type(backbone).__name__
+    if kind not in KINDS:
+        raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, sdxl_unet) "
+                         f"or our DiT with text cross-attention, not {kind}")
+    return kind
+
+
+class ImageProjection(nn.Module):
+    """An image embedding (B, D) -> ``num_tokens`` tokens (B, num_tokens, width): a linear layer, then
+    LayerNorm over each token (diffusers' ImageProjection, for our DiT)."""
+
+    def __init__(self, embed_dim: int, width: int, num_tokens: int = NUM_TOKENS) -> None:
+        super().__init__()
+        self.embed_dim, self.num_tokens = embed_dim, num_tokens
+        self.proj = nn.Linear(embed_dim, num_tokens * width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        """(B, N, D) image embeddings -> (B, N, num_tokens, width)."""
+        return self.norm(self.proj(embeds.to(self.proj.weight.dtype)).unflatten(-1, (self.num_tokens, -1)))
+
+
+def check_image_embeds(name: str, cond, width: int | None) -> Tensor | None:
+    """cond.image_embeds, checked against a backbone whose IP-Adapter takes embeddings of ``width`` (None:
+    it has none, and refuses them)."""
+    got = None if cond.image_embeds is None else tuple(cond.image_embeds.shape)
+    if width is None:
+        if got is not None:
+            raise ValueError(f"{name} takes no cond.image_embeds (an image prompt), but they were given: add "
+                             "an IP-Adapter (adapter=ip_adapter) or leave the image prompt out")
+        return None
+    if got is None or got[2] != width:
+        raise ValueError(f"{name} has an IP-Adapter and needs cond.image_embeds of shape (B, N, {width}), the image "
+                         f"encoder's embeddings of N image prompts (zeros: no image prompt); got {got}")
+    return cond.image_embeds
 
 
 def cross_attention_processors(unet: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -139,22 +184,55 @@ def without_ip_adapter(backbone: nn.Module) -> nn.Module:
     return model
 
 
+def _dit_cross_attentions(dit: nn.Module) -> list[nn.Module]:
+    return [block.cross_attn for block in dit.blocks if block.cross_attn is not None]
+
+
+def add_dit_ip_adapter(dit: nn.Module, embed_dim: int) -> None:
+    """Give our DiT an IP-Adapter (in place): an :class:`ImageProjection` to its blocks' width and, in each
+    cross-attention, ``ip_kv``, a copy of its text ``kv`` (the paper's initialisation)."""
+    import copy
+
+    attentions = _dit_cross_attentions(dit)
+    if not attentions:
+        raise ValueError("adapter=ip_adapter: this DiT has no cross-attention (token_dim is null); build it with "
+                         "text conditioning, whose cross-attention the image tokens join")
+    if dit.image_projection is not None:
+        raise ValueError("the DiT has an IP-Adapter already")
+    if embed_dim < 1:
+        raise ValueError(f"adapter.image_embed_dim={embed_dim}: the image encoder's embedding width must be >= 1")
+    dit.image_projection = ImageProjection(embed_dim, dit.hidden_size)
+    for attn in attentions:
+        attn.ip_kv = copy.deepcopy(attn.kv).requires_grad_(True)
+
+
+def has_any_ip_adapter(backbone: nn.Module) -> bool:
+    if type(backbone).__name__ == "DiT":
+        return getattr(backbone, "image_projection", None) is not None
+    return type(backbone).__name__ == "DiffusersUNet" and has_ip_adapter(backbone.unet)
+
+
 def set_ip_scale(backbone: nn.Module, scale: float) -> None:
     """The weight of the image attention in every cross-attention layer (1 in training; 0 leaves the
-    base UNet's output), as diffusers' ``pipeline.set_ip_adapter_scale``."""
-    unet = _unet(backbone)
-    if not has_ip_adapter(unet):
-        raise ValueError(f"{getattr(backbone, 'name', 'the backbone')} carries no IP-Adapter, so it has no ip_scale: "
-                         "train or load one with adapter=ip_adapter")
+    base model's output), as diffusers' ``pipeline.set_ip_adapter_scale``."""
+    if not has_any_ip_adapter(backbone):
+        raise ValueError(f"{getattr(backbone, 'name', type(backbone).__name__)} carries no IP-Adapter, so it has no "
+                         "ip_scale: train or load one with adapter=ip_adapter")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"ip_scale={scale!r}: give a number (1 as trained, 0 ignores the image prompt)")
-    for _, proc in cross_attention_processors(unet):
+    if type(backbone).__name__ == "DiT":
+        for attn in _dit_cross_attentions(backbone):
+            attn.ip_scale = float(scale)
+        return
+    for _, proc in cross_attention_processors(backbone.unet):
         proc.scale = [float(scale)] * len(proc.scale)
 
 
 def is_ip_parameter(name: str) -> bool:
-    """Whether a DiffusersUNet parameter is the IP-Adapter's: the image projection or a to_k_ip / to_v_ip."""
-    return name.startswith("unet.encoder_hid_proj.") or ".to_k_ip." in name or ".to_v_ip." in name
+    """Whether a backbone parameter is the IP-Adapter's: the image projection or a new key/value map
+    (a DiffusersUNet's to_k_ip / to_v_ip, a DiT's ip_kv)."""
+    return (name.startswith(("unet.encoder_hid_proj.", "image_projection.")) or ".to_k_ip." in name
+            or ".to_v_ip." in name or ".ip_kv." in name)
 
 
 class IPAdapter(Adapter):
@@ -163,7 +241,7 @@ class IPAdapter(Adapter):
     the image encoder's embeddings (its ``embed_dim``: 1024 for IP-Adapter SD 1.5's OpenCLIP ViT-H/14).
     ``scale``: the image attention's weight the backbone starts with (1 as trained; sampling may set
     another with :func:`set_ip_scale`). ``base``: as adapter=lora's. The end of training and export.py
-    write :data:`WEIGHT_NAMES` (diffusers' layout) from the EMA backbone."""
+    write :data:`WEIGHT_NAMES` (diffusers' layout) from the EMA backbone of a DiffusersUNet."""
 
     name = "ip_adapter"
     trains_base = False
@@ -183,13 +261,18 @@ class IPAdapter(Adapter):
         self.base_dtype = base_dtype
 
     def apply(self, backbone: nn.Module) -> nn.Module:
-        unet = _unet(backbone)
+        kind = _kind(backbone)
         backbone.requires_grad_(False)
-        add_ip_adapter(unet, self.image_embed_dim)
+        if kind == "DiT":
+            add_dit_ip_adapter(backbone, self.image_embed_dim)
+        else:
+            add_ip_adapter(_unet(backbone), self.image_embed_dim)
         for name, param in backbone.named_parameters():
             param.requires_grad_(is_ip_parameter(name))
         set_ip_scale(backbone, self.scale)
         return backbone
 
     def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
+        if type(module.ema.module).__name__ != "DiffusersUNet":
+            return []  # our DiT's adapter lives in its checkpoints only
         return save_ip_adapter(module.ema.module, directory)

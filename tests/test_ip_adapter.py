@@ -289,9 +289,9 @@ def test_a_stable_diffusion_pipeline_loads_our_file_and_samples_our_latents(weig
 def test_missing_or_misshapen_image_embeddings_and_wrong_backbones_are_refused():
     backbone, plain = _adapted(seed=21), _unet(seed=21)
     x, t, tokens = _randn(2, 4, 8, 8, seed=22), torch.tensor([0.2, 0.7]), _randn(2, 5, WIDTH, seed=23)
-    with pytest.raises(ValueError, match=rf"needs cond.image_embeds of shape \(2, N, {EMBED}\).*got None"):
+    with pytest.raises(ValueError, match=rf"needs cond.image_embeds of shape \(B, N, {EMBED}\).*got None"):
         backbone(x, t, Conditioning(tokens=tokens))
-    with pytest.raises(ValueError, match=rf"\(2, N, {EMBED}\).*got \(2, 1, 7\)"):
+    with pytest.raises(ValueError, match=rf"\(B, N, {EMBED}\).*got \(2, 1, 7\)"):
         backbone(x, t, Conditioning(tokens=tokens, image_embeds=torch.zeros(2, 1, 7)))
     with pytest.raises(ValueError, match="takes no cond.image_embeds.*adapter=ip_adapter"):
         plain(x, t, Conditioning(tokens=tokens, image_embeds=torch.zeros(2, 1, EMBED)))
@@ -299,8 +299,10 @@ def test_missing_or_misshapen_image_embeddings_and_wrong_backbones_are_refused()
         set_ip_scale(plain, 0.5)
     with pytest.raises(ValueError, match="ip_scale='high'"):
         set_ip_scale(backbone, "high")
-    with pytest.raises(ValueError, match="wrapped diffusers UNet.*not DiT"):
-        IPAdapter(image_embed_dim=EMBED).apply(_dit())
+    with pytest.raises(ValueError, match="wrapped diffusers UNet.*or our DiT.*not Linear"):
+        IPAdapter(image_embed_dim=EMBED).apply(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="DiT has no cross-attention"):
+        IPAdapter(image_embed_dim=EMBED).apply(_dit(token_dim=None))
     with pytest.raises(ValueError, match="already"):
         IPAdapter(image_embed_dim=EMBED).apply(backbone)
     with pytest.raises(ValueError, match="image_embed_dim=0"):
@@ -311,10 +313,79 @@ def test_missing_or_misshapen_image_embeddings_and_wrong_backbones_are_refused()
         save_ip_adapter(plain, Path("unused"))
 
 
-def _dit():
+def _dit(seed: int = 0, token_dim: int | None = WIDTH):
+    """A tiny DiT, its weights moved off DiT's zero initialisation (zero gates and cross-attention outputs
+    would hide the cross-attention) as training moves them."""
     from diffusion.backbones import DiT
 
-    return DiT(in_channels=4, patch_size=2, hidden_size=16, depth=1, num_heads=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DiT(in_channels=4, patch_size=2, hidden_size=16, depth=2, num_heads=2, token_dim=token_dim).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def test_our_dit_takes_the_same_adapter():
+    """DiT: ip_kv starts as each cross-attention's kv; a cross-attention is proj(text attention + scale
+    image attention), by hand; scale 0 gives the base DiT; only the adapter trains; bad input is refused."""
+    import copy
+
+    base = _dit(seed=36)
+    backbone = copy.deepcopy(base)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(37)
+        IPAdapter(image_embed_dim=EMBED, scale=0.7).apply(backbone)
+    attentions = [block.cross_attn for block in backbone.blocks]
+    assert all(torch.equal(a.ip_kv.weight, a.kv.weight) and torch.equal(a.ip_kv.bias, a.kv.bias) for a in attentions)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    attn = attentions[-1]
+    h, text, image = _randn(2, 6, 16, seed=38), _randn(2, 5, 16, seed=39), _randn(2, NUM_TOKENS, 16, seed=40)
+    with torch.no_grad():
+        got = attn(h, text, None, image)
+        k, v = attn.kv(text).chunk(2, -1)
+        k_ip, v_ip = attn.ip_kv(image).chunk(2, -1)
+        expected = _attention_by_hand(_HandAttention(attn, k, v), h, text, image, _HandIP(k_ip, v_ip), 0.7)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    x, t = _randn(2, 4, 8, 8, seed=41), torch.tensor([0.2, 0.7])
+    tokens, embeds = _randn(2, 5, WIDTH, seed=42), _randn(2, 2, EMBED, seed=43)
+    cond = Conditioning(tokens=tokens, image_embeds=embeds)
+    with torch.no_grad():
+        set_ip_scale(backbone, 0.0)
+        assert torch.equal(backbone(x, t, cond), base(x, t, Conditioning(tokens=tokens)))
+        set_ip_scale(backbone, 0.7)
+        assert not torch.allclose(backbone(x, t, cond), base(x, t, Conditioning(tokens=tokens)), atol=1e-4)
+    loss = backbone(x, t, cond).square().mean()
+    loss.backward()
+    for name, p in backbone.named_parameters():
+        adapter = name.startswith("image_projection.") or ".ip_kv." in name
+        assert p.requires_grad == adapter and ((p.grad is not None and p.grad.abs().sum() > 0) == adapter), name
+    with pytest.raises(ValueError, match=rf"DiT has an IP-Adapter and needs cond.image_embeds of shape \(B, N, {EMBED}\)"):
+        backbone(x, t, Conditioning(tokens=tokens))
+    with pytest.raises(ValueError, match="DiT takes no cond.image_embeds"):
+        base(x, t, cond)
+    module = DiffusionModule(_dit(seed=36), DDPM("linear", "eps"), adapter=IPAdapter(image_embed_dim=EMBED))
+    assert IPAdapter(image_embed_dim=EMBED).write_outputs(module, Path("unused")) == []  # no other layout to write
+    assert {k.split(".", 1)[1] for k in module.state_dict() if k.startswith("backbone.")} == {
+        n for n, p in module.backbone.named_parameters() if p.requires_grad}
+
+
+class _HandAttention:
+    """Our Attention's maps as the by-hand formula reads them (to_q, to_k, to_v, to_out, heads)."""
+
+    def __init__(self, attn, k, v):
+        self.heads, self.to_q, self.to_out = attn.num_heads, attn.q, [attn.proj]
+        self.to_k, self.to_v = (lambda _: k), (lambda _: v)
+
+
+class _HandIP:
+    def __init__(self, k, v):
+        self.to_k_ip, self.to_v_ip = [lambda _: k], [lambda _: v]
 
 
 def test_the_config_group_builds_the_adapter(tmp_path):

@@ -205,20 +205,9 @@ class DiffusersUNet(nn.Module):
 
     def image_embeds(self, x: Tensor, cond: Conditioning) -> Tensor | None:
         """cond.image_embeds (B, N, D), checked, for a UNet with an IP-Adapter (diffusion.ip_adapter); None without."""
-        from diffusion.ip_adapter import image_embed_dim
+        from diffusion.ip_adapter import check_image_embeds, image_embed_dim
 
-        width = image_embed_dim(self.unet)
-        if width is None:
-            if cond.image_embeds is not None:
-                raise ValueError(f"{self.name} takes no cond.image_embeds (an image prompt), but they were given: add "
-                                 "an IP-Adapter (adapter=ip_adapter) or leave the image prompt out")
-            return None
-        got = None if cond.image_embeds is None else tuple(cond.image_embeds.shape)
-        if got is None or got[0] != x.shape[0] or got[2] != width:
-            raise ValueError(f"{self.name} has an IP-Adapter and needs cond.image_embeds of shape ({x.shape[0]}, N, "
-                             f"{width}), the image encoder's embeddings of N image prompts (zeros: no image "
-                             f"prompt); got {got}")
-        return cond.image_embeds
+        return check_image_embeds(self.name, cond, image_embed_dim(self.unet))
 
     def time_ids(self, x: Tensor) -> Tensor:
         """SDXL's (B, 6) time ids for latents x: (original h, w, crop top, left, target h, w), in pixels."""

@@ -53,13 +53,14 @@ class DiTBlock(nn.Module):
         # shift, scale, gate for attention and for the MLP
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, tokens: Tensor | None, mask: Tensor | None,
+                image_tokens: Tensor | None = None) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = rearrange(
             self.adaLN_modulation(c), "b (six d) -> six b 1 d", six=6
         )
         x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         if self.cross_attn is not None:
-            x = x + self.cross_attn(x, tokens, mask)
+            x = x + self.cross_attn(x, tokens, mask, image_tokens)
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
@@ -143,6 +144,7 @@ class DiT(nn.Module):
             DiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=token_dim is not None) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.image_projection: nn.Module | None = None  # IP-Adapter's (adapter=ip_adapter, diffusion.ip_adapter)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -204,8 +206,9 @@ class DiT(nn.Module):
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(cond.pooled)
             tokens = self.token_embedder(cond.tokens) if self.token_embedder is not None else None
+            image_tokens = self.image_tokens(cond)
             for block in self.blocks:
-                h = maybe_checkpoint(self.gradient_checkpointing, block, h, c, tokens, cond.mask)
+                h = maybe_checkpoint(self.gradient_checkpointing, block, h, c, tokens, cond.mask, image_tokens)
             h = self.final_layer(h, c)  # (B, N, p * p * C_out)
         out = rearrange(
             h, "b (h w) (p q c) -> b c (h p) (w q)", h=height, w=width, p=self.patch_size, q=self.patch_size
@@ -213,3 +216,14 @@ class DiT(nn.Module):
         if self.learn_sigma and not return_variance:  # the prediction: the first C channels
             out = out[:, : self.in_channels]
         return out.to(x.dtype)
+
+    def image_tokens(self, cond: Conditioning) -> Tensor | None:
+        """IP-Adapter's image tokens (B, N * tokens per image, hidden) of cond.image_embeds (B, N, D); None
+        without an adapter (and then no image embeddings may be given)."""
+        from diffusion.ip_adapter import check_image_embeds
+
+        if self.image_projection is None:
+            check_image_embeds("DiT", cond, None)
+            return None
+        embeds = check_image_embeds("DiT", cond, self.image_projection.embed_dim)
+        return self.image_projection(embeds).flatten(1, 2)

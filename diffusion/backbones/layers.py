@@ -90,8 +90,15 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        # IP-Adapter's key and value map of image tokens, set on a cross-attention by adapter=ip_adapter;
+        # forward then adds ``ip_scale`` times the attention over ``image_tokens``.
+        self.ip_kv: nn.Linear | None = None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    #: IP-Adapter's weight of the attention over image tokens (diffusion.ip_adapter).
+    ip_scale: float = 1.0
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                image_tokens: Tensor | None = None) -> Tensor:
         h = self.num_heads
         if self.is_cross:
             q = rearrange(self.q(x), "b n (h d) -> b h n d", h=h)
@@ -108,6 +115,11 @@ class Attention(nn.Module):
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
         if mask is not None:
             out = out * has_token[:, None, None].to(out.dtype)
+        if self.ip_kv is not None and image_tokens is not None and self.ip_scale != 0:
+            # Decoupled cross-attention (Ye et al. 2023): proj(text + s image) = proj(text) + s W_proj image.
+            k, v = rearrange(self.ip_kv(image_tokens), "b l (two h d) -> two b h l d", two=2, h=h)
+            image = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+            out = out + self.ip_scale * F.linear(image, self.proj.weight)
         return out
 
 
