@@ -13,9 +13,9 @@ put in place by the UNet's loader from a state dict in the layout of a released 
 ({"image_proj": {"proj.weight", ...}, "ip_adapter": {"1.to_k_ip.weight", ...}}), so that what
 trains here is what ``pipeline.load_ip_adapter`` builds from the file :func:`save_ip_adapter` writes.
 
-Our DiT takes the same adapter (its cross-attention's ``ip_kv`` from its ``kv``, diffusion.backbones.layers
-.Attention, and an :class:`ImageProjection` of its own to the width of its blocks); its checkpoints hold
-it, there being no other program's layout to write.
+Our DiT and UNet take the same adapter (each cross-attention's ``ip_kv`` from its ``kv``,
+diffusion.backbones.layers.Attention, and an :class:`ImageProjection` of their own to the width the
+cross-attentions read); their checkpoints hold it, there being no other program's layout to write.
 
 The null image prompt is zero embeddings (diffusers' pipelines' negative image embeds): they project
 to the tokens ``LayerNorm(proj.bias)``, not to zero tokens; ``scale = 0`` is what leaves the base UNet's
@@ -37,7 +37,7 @@ NUM_TOKENS = 4
 WEIGHT_NAMES = ("ip_adapter.safetensors", "ip_adapter.bin")
 
 
-KINDS = ("DiffusersUNet", "DiT")
+KINDS = ("DiffusersUNet", "DiT", "UNet")
 
 
 def _unet(backbone: nn.Module) -> nn.Module:
@@ -52,7 +52,7 @@ def _kind(backbone: nn.Module) -> str:
     kind = type(backbone).__name__
     if kind not in KINDS:
         raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, sdxl_unet) "
-                         f"or our DiT with text cross-attention, not {kind}")
+                         f"or our DiT or UNet with text cross-attention, not {kind}")
     return kind
 
 
@@ -184,30 +184,35 @@ def without_ip_adapter(backbone: nn.Module) -> nn.Module:
     return model
 
 
-def _dit_cross_attentions(dit: nn.Module) -> list[nn.Module]:
-    return [block.cross_attn for block in dit.blocks if block.cross_attn is not None]
+def _our_cross_attentions(backbone: nn.Module) -> list[nn.Module]:
+    """The cross-attentions of our DiT or UNet (diffusion.backbones.layers.Attention)."""
+    from diffusion.backbones.layers import Attention
+
+    return [m for m in backbone.modules() if isinstance(m, Attention) and m.is_cross]
 
 
-def add_dit_ip_adapter(dit: nn.Module, embed_dim: int) -> None:
-    """Give our DiT an IP-Adapter (in place): an :class:`ImageProjection` to its blocks' width and, in each
-    cross-attention, ``ip_kv``, a copy of its text ``kv`` (the paper's initialisation)."""
+def add_our_ip_adapter(backbone: nn.Module, embed_dim: int) -> None:
+    """Give our DiT or UNet an IP-Adapter (in place): an :class:`ImageProjection` to the width its
+    cross-attentions read (the DiT's blocks', the UNet's token_dim) and, in each, ``ip_kv``, a copy of
+    its text ``kv`` (the paper's initialisation)."""
     import copy
 
-    attentions = _dit_cross_attentions(dit)
+    kind = type(backbone).__name__
+    attentions = _our_cross_attentions(backbone)
     if not attentions:
-        raise ValueError("adapter=ip_adapter: this DiT has no cross-attention (token_dim is null); build it with "
+        raise ValueError(f"adapter=ip_adapter: this {kind} has no cross-attention (token_dim is null); build it with "
                          "text conditioning, whose cross-attention the image tokens join")
-    if dit.image_projection is not None:
-        raise ValueError("the DiT has an IP-Adapter already")
+    if backbone.image_projection is not None:
+        raise ValueError(f"the {kind} has an IP-Adapter already")
     if embed_dim < 1:
         raise ValueError(f"adapter.image_embed_dim={embed_dim}: the image encoder's embedding width must be >= 1")
-    dit.image_projection = ImageProjection(embed_dim, dit.hidden_size)
+    backbone.image_projection = ImageProjection(embed_dim, attentions[0].kv.in_features)
     for attn in attentions:
         attn.ip_kv = copy.deepcopy(attn.kv).requires_grad_(True)
 
 
 def has_any_ip_adapter(backbone: nn.Module) -> bool:
-    if type(backbone).__name__ == "DiT":
+    if type(backbone).__name__ in ("DiT", "UNet"):
         return getattr(backbone, "image_projection", None) is not None
     return type(backbone).__name__ == "DiffusersUNet" and has_ip_adapter(backbone.unet)
 
@@ -220,8 +225,8 @@ def set_ip_scale(backbone: nn.Module, scale: float) -> None:
                          "ip_scale: train or load one with adapter=ip_adapter")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"ip_scale={scale!r}: give a number (1 as trained, 0 ignores the image prompt)")
-    if type(backbone).__name__ == "DiT":
-        for attn in _dit_cross_attentions(backbone):
+    if type(backbone).__name__ in ("DiT", "UNet"):
+        for attn in _our_cross_attentions(backbone):
             attn.ip_scale = float(scale)
         return
     for _, proc in cross_attention_processors(backbone.unet):
@@ -263,8 +268,8 @@ class IPAdapter(Adapter):
     def apply(self, backbone: nn.Module) -> nn.Module:
         kind = _kind(backbone)
         backbone.requires_grad_(False)
-        if kind == "DiT":
-            add_dit_ip_adapter(backbone, self.image_embed_dim)
+        if kind in ("DiT", "UNet"):
+            add_our_ip_adapter(backbone, self.image_embed_dim)
         else:
             add_ip_adapter(_unet(backbone), self.image_embed_dim)
         for name, param in backbone.named_parameters():
@@ -274,5 +279,5 @@ class IPAdapter(Adapter):
 
     def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
         if type(module.ema.module).__name__ != "DiffusersUNet":
-            return []  # our DiT's adapter lives in its checkpoints only
+            return []  # our DiT's and UNet's adapters live in their checkpoints only
         return save_ip_adapter(module.ema.module, directory)

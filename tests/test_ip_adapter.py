@@ -313,38 +313,53 @@ def test_missing_or_misshapen_image_embeddings_and_wrong_backbones_are_refused()
         save_ip_adapter(plain, Path("unused"))
 
 
-def _dit(seed: int = 0, token_dim: int | None = WIDTH):
-    """A tiny DiT, its weights moved off DiT's zero initialisation (zero gates and cross-attention outputs
-    would hide the cross-attention) as training moves them."""
-    from diffusion.backbones import DiT
+def _ours_backbone(kind: str = "DiT", seed: int = 0, token_dim: int | None = WIDTH):
+    """A tiny DiT or UNet of ours, its weights moved off their zero initialisation (zero gates and
+    cross-attention outputs would hide the cross-attention) as training moves them."""
+    from diffusion.backbones import DiT, UNet
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DiT(in_channels=4, patch_size=2, hidden_size=16, depth=2, num_heads=2, token_dim=token_dim).eval()
+        if kind == "DiT":
+            model = DiT(in_channels=4, patch_size=2, hidden_size=16, depth=2, num_heads=2, token_dim=token_dim)
+        else:
+            model = UNet(4, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                         head_dim=4, norm_groups=4, token_dim=token_dim)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.2)
-    return model
+    return model.eval()
 
 
-def test_our_dit_takes_the_same_adapter():
-    """DiT: ip_kv starts as each cross-attention's kv; a cross-attention is proj(text attention + scale
-    image attention), by hand; scale 0 gives the base DiT; only the adapter trains; bad input is refused."""
+def _dit(seed: int = 0, token_dim: int | None = WIDTH):
+    return _ours_backbone("DiT", seed, token_dim)
+
+
+@pytest.mark.parametrize("kind", ["DiT", "UNet"])
+def test_our_backbones_take_the_same_adapter(kind):
+    """Our DiT and UNet: ip_kv starts as each cross-attention's kv; a cross-attention is proj(text
+    attention + scale image attention), by hand; scale 0 gives the base model; only the adapter trains;
+    bad input is refused."""
     import copy
 
-    base = _dit(seed=36)
+    base = _ours_backbone(kind, seed=36)
     backbone = copy.deepcopy(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(37)
         IPAdapter(image_embed_dim=EMBED, scale=0.7).apply(backbone)
-    attentions = [block.cross_attn for block in backbone.blocks]
-    assert all(torch.equal(a.ip_kv.weight, a.kv.weight) and torch.equal(a.ip_kv.bias, a.kv.bias) for a in attentions)
+    attentions = [m for m in backbone.modules() if getattr(m, "ip_kv", None) is not None]
+    assert len(attentions) == (2 if kind == "DiT" else 4)  # the DiT's 2 blocks; the UNet's 1 down, mid, 2 up
+    for a in attentions:
+        assert torch.equal(a.ip_kv.weight, a.kv.weight) and a.ip_kv.weight is not a.kv.weight
+        assert (a.ip_kv.bias is None) == (a.kv.bias is None)
+        assert a.kv.bias is None or torch.equal(a.ip_kv.bias, a.kv.bias)
     with torch.no_grad():
         for p in backbone.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
     attn = attentions[-1]
-    h, text, image = _randn(2, 6, 16, seed=38), _randn(2, 5, 16, seed=39), _randn(2, NUM_TOKENS, 16, seed=40)
+    width, context = attn.q.in_features, attn.kv.in_features
+    h, text, image = _randn(2, 6, width, seed=38), _randn(2, 5, context, seed=39), _randn(2, NUM_TOKENS, context, seed=40)
     with torch.no_grad():
         got = attn(h, text, None, image)
         k, v = attn.kv(text).chunk(2, -1)
@@ -357,19 +372,18 @@ def test_our_dit_takes_the_same_adapter():
     cond = Conditioning(tokens=tokens, image_embeds=embeds)
     with torch.no_grad():
         set_ip_scale(backbone, 0.0)
-        assert torch.equal(backbone(x, t, cond), base(x, t, Conditioning(tokens=tokens)))
+        torch.testing.assert_close(backbone(x, t, cond), base(x, t, Conditioning(tokens=tokens)), rtol=0, atol=0)
         set_ip_scale(backbone, 0.7)
         assert not torch.allclose(backbone(x, t, cond), base(x, t, Conditioning(tokens=tokens)), atol=1e-4)
-    loss = backbone(x, t, cond).square().mean()
-    loss.backward()
+    backbone(x, t, cond).square().mean().backward()
     for name, p in backbone.named_parameters():
         adapter = name.startswith("image_projection.") or ".ip_kv." in name
         assert p.requires_grad == adapter and ((p.grad is not None and p.grad.abs().sum() > 0) == adapter), name
-    with pytest.raises(ValueError, match=rf"DiT has an IP-Adapter and needs cond.image_embeds of shape \(B, N, {EMBED}\)"):
+    with pytest.raises(ValueError, match=rf"{kind} has an IP-Adapter and needs cond.image_embeds of shape \(B, N, {EMBED}\)"):
         backbone(x, t, Conditioning(tokens=tokens))
-    with pytest.raises(ValueError, match="DiT takes no cond.image_embeds"):
+    with pytest.raises(ValueError, match=f"{kind} takes no cond.image_embeds"):
         base(x, t, cond)
-    module = DiffusionModule(_dit(seed=36), DDPM("linear", "eps"), adapter=IPAdapter(image_embed_dim=EMBED))
+    module = DiffusionModule(_ours_backbone(kind, seed=36), DDPM("linear", "eps"), adapter=IPAdapter(image_embed_dim=EMBED))
     assert IPAdapter(image_embed_dim=EMBED).write_outputs(module, Path("unused")) == []  # no other layout to write
     assert {k.split(".", 1)[1] for k in module.state_dict() if k.startswith("backbone.")} == {
         n for n, p in module.backbone.named_parameters() if p.requires_grad}

@@ -21,6 +21,7 @@ from diffusion.backbones.layers import (
     autocast_context,
     check_condition,
     check_input,
+    ip_image_tokens,
     maybe_checkpoint,
     sincos_pos_embed_2d,
     with_concat,
@@ -206,7 +207,7 @@ class DiT(nn.Module):
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(cond.pooled)
             tokens = self.token_embedder(cond.tokens) if self.token_embedder is not None else None
-            image_tokens = self.image_tokens(cond)
+            image_tokens = ip_image_tokens("DiT", self.image_projection, cond)  # IP-Adapter's, else None
             for block in self.blocks:
                 h = maybe_checkpoint(self.gradient_checkpointing, block, h, c, tokens, cond.mask, image_tokens)
             h = self.final_layer(h, c)  # (B, N, p * p * C_out)
@@ -216,14 +217,3 @@ class DiT(nn.Module):
         if self.learn_sigma and not return_variance:  # the prediction: the first C channels
             out = out[:, : self.in_channels]
         return out.to(x.dtype)
-
-    def image_tokens(self, cond: Conditioning) -> Tensor | None:
-        """IP-Adapter's image tokens (B, N * tokens per image, hidden) of cond.image_embeds (B, N, D); None
-        without an adapter (and then no image embeddings may be given)."""
-        from diffusion.ip_adapter import check_image_embeds
-
-        if self.image_projection is None:
-            check_image_embeds("DiT", cond, None)
-            return None
-        embeds = check_image_embeds("DiT", cond, self.image_projection.embed_dim)
-        return self.image_projection(embeds).flatten(1, 2)

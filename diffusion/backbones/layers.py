@@ -207,3 +207,12 @@ def check_condition(
     if cond.pooled is not None and cond.pooled.shape[-1] != pooled_dim:
         raise ValueError(f"{name} was built for pooled of width pooled_dim={pooled_dim}, got width {cond.pooled.shape[-1]}.")
     return cond
+
+
+def ip_image_tokens(name: str, projection: nn.Module | None, cond: Conditioning) -> Tensor | None:
+    """IP-Adapter's image tokens (B, N * tokens per image, width) of cond.image_embeds (B, N, D), through
+    the backbone's image projection (diffusion.ip_adapter); None without one, which refuses embeddings."""
+    from diffusion.ip_adapter import check_image_embeds
+
+    embeds = check_image_embeds(name, cond, None if projection is None else projection.embed_dim)
+    return None if projection is None else projection(embeds).flatten(1, 2)

@@ -24,6 +24,7 @@ from diffusion.backbones.layers import (
     autocast_context,
     check_condition,
     check_input,
+    ip_image_tokens,
     maybe_checkpoint,
     with_concat,
     zero_extra_input_channels,
@@ -62,7 +63,8 @@ class AttentionBlock(nn.Module):
         self.attn = Attention(ch, _num_heads(ch, head_dim))
         zero_module(self.attn.proj)
 
-    def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None,
+                image_tokens: Tensor | None = None) -> Tensor:
         h = rearrange(self.norm(x), "b c y x -> b (y x) c")
         h = rearrange(self.attn(h), "b (y x) c -> b c y x", y=x.shape[-2])
         return x + h
@@ -91,9 +93,9 @@ class TransformerBlock(nn.Module):
         self.attn2 = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=False)
         self.ff = GEGLU(dim)
 
-    def forward(self, x: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, tokens: Tensor, mask: Tensor | None, image_tokens: Tensor | None = None) -> Tensor:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), tokens, mask)
+        x = x + self.attn2(self.norm2(x), tokens, mask, image_tokens)
         return x + self.ff(self.norm3(x))
 
 
@@ -107,10 +109,11 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(ch, _num_heads(ch, head_dim), context_dim) for _ in range(depth))
         self.proj_out = zero_module(nn.Linear(ch, ch))
 
-    def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None,
+                image_tokens: Tensor | None = None) -> Tensor:
         h = self.proj_in(rearrange(self.norm(x), "b c y x -> b (y x) c"))
         for block in self.blocks:
-            h = block(h, tokens, mask)
+            h = block(h, tokens, mask, image_tokens)
         return x + rearrange(self.proj_out(h), "b (y x) c -> b c y x", y=x.shape[-2])
 
 
@@ -140,9 +143,10 @@ class Stage(nn.Module):
         self.res = res
         self.attn = attn
 
-    def forward(self, x: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None,
+                image_tokens: Tensor | None = None) -> Tensor:
         x = self.res(x, emb)
-        return self.attn(x, tokens, mask) if self.attn is not None else x
+        return self.attn(x, tokens, mask, image_tokens) if self.attn is not None else x
 
 
 def _num_heads(ch: int, head_dim: int) -> int:
@@ -259,10 +263,12 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             nn.GroupNorm(norm_groups, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         )
+        self.image_projection: nn.Module | None = None  # IP-Adapter's (adapter=ip_adapter, diffusion.ip_adapter)
 
-    def _run(self, layer: nn.Module, h: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+    def _run(self, layer: nn.Module, h: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None,
+             image_tokens: Tensor | None = None) -> Tensor:
         if isinstance(layer, Stage):
-            return maybe_checkpoint(self.gradient_checkpointing, layer, h, emb, tokens, mask)
+            return maybe_checkpoint(self.gradient_checkpointing, layer, h, emb, tokens, mask, image_tokens)
         return layer(h)  # down/up-sampling convolutions are cheap to keep
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *, return_variance: bool = False) -> Tensor:
@@ -273,6 +279,7 @@ class UNet(nn.Module):
         check_input("UNet", x, t, self.in_channels, self.downsample_factor, "2 ** (number of levels - 1)")
         cond = check_condition("UNet", cond, x.shape[0], self.num_classes, self.token_dim, self.pooled_dim)
         tokens, mask = cond.tokens, cond.mask
+        image_tokens = ip_image_tokens("UNet", self.image_projection, cond)  # IP-Adapter's, else None
         with autocast_context(self.bf16_autocast, x):
             emb = self.time_embed(t)  # (B, 4 * model_channels)
             if self.label_embed is not None:
@@ -283,14 +290,14 @@ class UNet(nn.Module):
             h = self.conv_in(h.contiguous(memory_format=torch.channels_last) if self.channels_last else h)
             skips = [h]
             for layer in self.down:
-                h = self._run(layer, h, emb, tokens, mask)
+                h = self._run(layer, h, emb, tokens, mask, image_tokens)
                 skips.append(h)
             for layer in self.mid:
-                h = self._run(layer, h, emb, tokens, mask)
+                h = self._run(layer, h, emb, tokens, mask, image_tokens)
             for layer in self.up:
                 if isinstance(layer, Stage):
                     h = torch.cat([h, skips.pop()], dim=1)
-                h = self._run(layer, h, emb, tokens, mask)
+                h = self._run(layer, h, emb, tokens, mask, image_tokens)
             out = self.out(h)
         if self.learn_sigma and not return_variance:  # the prediction: the first C channels
             out = out[:, : self.in_channels]
