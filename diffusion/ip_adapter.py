@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.adapters import Adapter, _check_base_dtype
+from diffusion.backbones.layers import check_image_embeds  # noqa: F401 - the backbones' check, named here too
 
 #: Image tokens per image embedding: the paper's 4, which diffusers' loader assumes for this layout.
 NUM_TOKENS = 4
@@ -69,21 +70,6 @@ class ImageProjection(nn.Module):
     def forward(self, embeds: Tensor) -> Tensor:
         """(B, N, D) image embeddings -> (B, N, num_tokens, width)."""
         return self.norm(self.proj(embeds.to(self.proj.weight.dtype)).unflatten(-1, (self.num_tokens, -1)))
-
-
-def check_image_embeds(name: str, cond, width: int | None) -> Tensor | None:
-    """cond.image_embeds, checked against a backbone whose IP-Adapter takes embeddings of ``width`` (None:
-    it has none, and refuses them)."""
-    got = None if cond.image_embeds is None else tuple(cond.image_embeds.shape)
-    if width is None:
-        if got is not None:
-            raise ValueError(f"{name} takes no cond.image_embeds (an image prompt), but they were given: add "
-                             "an IP-Adapter (adapter=ip_adapter) or leave the image prompt out")
-        return None
-    if got is None or got[2] != width:
-        raise ValueError(f"{name} has an IP-Adapter and needs cond.image_embeds of shape (B, N, {width}), the image "
-                         f"encoder's embeddings of N image prompts (zeros: no image prompt); got {got}")
-    return cond.image_embeds
 
 
 def cross_attention_processors(unet: nn.Module) -> list[tuple[str, nn.Module]]:

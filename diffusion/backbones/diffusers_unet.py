@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusion.backbones.layers import check_input, with_concat
+from diffusion.backbones.layers import check_image_embeds, check_input, with_concat
 from diffusion.conditioning.types import Conditioning
 
 
@@ -205,7 +205,7 @@ class DiffusersUNet(nn.Module):
 
     def image_embeds(self, x: Tensor, cond: Conditioning) -> Tensor | None:
         """cond.image_embeds (B, N, D), checked, for a UNet with an IP-Adapter (diffusion.ip_adapter); None without."""
-        from diffusion.ip_adapter import check_image_embeds, image_embed_dim
+        from diffusion.ip_adapter import image_embed_dim
 
         return check_image_embeds(self.name, cond, image_embed_dim(self.unet))
 

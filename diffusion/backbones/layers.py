@@ -209,10 +209,23 @@ def check_condition(
     return cond
 
 
+def check_image_embeds(name: str, cond: Conditioning, width: int | None) -> Tensor | None:
+    """cond.image_embeds, checked against a backbone whose IP-Adapter takes embeddings of ``width`` (None:
+    it has none, and refuses them)."""
+    got = None if cond.image_embeds is None else tuple(cond.image_embeds.shape)
+    if width is None:
+        if got is not None:
+            raise ValueError(f"{name} takes no cond.image_embeds (an image prompt), but they were given: add "
+                             "an IP-Adapter (adapter=ip_adapter) or leave the image prompt out")
+        return None
+    if got is None or got[2] != width:
+        raise ValueError(f"{name} has an IP-Adapter and needs cond.image_embeds of shape (B, N, {width}), the image "
+                         f"encoder's embeddings of N image prompts (zeros: no image prompt); got {got}")
+    return cond.image_embeds
+
+
 def ip_image_tokens(name: str, projection: nn.Module | None, cond: Conditioning) -> Tensor | None:
     """IP-Adapter's image tokens (B, N * tokens per image, width) of cond.image_embeds (B, N, D), through
     the backbone's image projection (diffusion.ip_adapter); None without one, which refuses embeddings."""
-    from diffusion.ip_adapter import check_image_embeds
-
     embeds = check_image_embeds(name, cond, None if projection is None else projection.embed_dim)
     return None if projection is None else projection(embeds).flatten(1, 2)
