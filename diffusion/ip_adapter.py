@@ -52,8 +52,8 @@ def _unet(backbone: nn.Module) -> nn.Module:
 def _kind(backbone: nn.Module) -> str:
     kind = type(backbone).__name__
     if kind not in KINDS:
-        raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, sdxl_unet) "
-                         f"or our DiT or UNet with text cross-attention, not {kind}")
+        raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, "
+                         f"sdxl_unet) or our DiT or UNet with text cross-attention, not {kind}")
     return kind
 
 

@@ -359,7 +359,8 @@ def test_our_backbones_take_the_same_adapter(kind):
                 p.add_(torch.randn_like(p) * 0.3)
     attn = attentions[-1]
     width, context = attn.q.in_features, attn.kv.in_features
-    h, text, image = _randn(2, 6, width, seed=38), _randn(2, 5, context, seed=39), _randn(2, NUM_TOKENS, context, seed=40)
+    h, text = _randn(2, 6, width, seed=38), _randn(2, 5, context, seed=39)
+    image = _randn(2, NUM_TOKENS, context, seed=40)
     with torch.no_grad():
         got = attn(h, text, None, image)
         k, v = attn.kv(text).chunk(2, -1)
@@ -379,11 +380,12 @@ def test_our_backbones_take_the_same_adapter(kind):
     for name, p in backbone.named_parameters():
         adapter = name.startswith("image_projection.") or ".ip_kv." in name
         assert p.requires_grad == adapter and ((p.grad is not None and p.grad.abs().sum() > 0) == adapter), name
-    with pytest.raises(ValueError, match=rf"{kind} has an IP-Adapter and needs cond.image_embeds of shape \(B, N, {EMBED}\)"):
+    with pytest.raises(ValueError, match=rf"{kind} has an IP-Adapter and needs cond.image_embeds of shape \(B, N, {EMBED}"):
         backbone(x, t, Conditioning(tokens=tokens))
     with pytest.raises(ValueError, match=f"{kind} takes no cond.image_embeds"):
         base(x, t, cond)
-    module = DiffusionModule(_ours_backbone(kind, seed=36), DDPM("linear", "eps"), adapter=IPAdapter(image_embed_dim=EMBED))
+    module = DiffusionModule(_ours_backbone(kind, seed=36), DDPM("linear", "eps"),
+                             adapter=IPAdapter(image_embed_dim=EMBED))
     assert IPAdapter(image_embed_dim=EMBED).write_outputs(module, Path("unused")) == []  # no other layout to write
     assert {k.split(".", 1)[1] for k in module.state_dict() if k.startswith("backbone.")} == {
         n for n, p in module.backbone.named_parameters() if p.requires_grad}
@@ -477,7 +479,8 @@ def test_an_ip_adapter_fine_tune_from_the_command_line_writes_diffusers_files(tm
 
 
 def _pipeline_predicts_as(backbone, base_unet: Path, directory: Path, weight_name: str) -> None:
-    """A pipeline of the base UNet saved in ``base_unet``, our file in ``directory`` loaded, predicts as ``backbone``."""
+    """A pipeline of the base UNet saved in ``base_unet``, our file from ``directory`` loaded, predicts as
+    ``backbone``."""
     from diffusers import UNet2DConditionModel
 
     pipe = _pipeline(UNet2DConditionModel.from_pretrained(base_unet), None)

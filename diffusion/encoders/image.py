@@ -5,8 +5,9 @@ pipelines run as ``image_encoder``: its ``image_embeds`` (the projected CLS stat
 IP-Adapter's image projection reads, here as one token (B, 1, D). Our images ([-1, 1], any size)
 are preprocessed in torch as ``CLIPImageProcessor`` does (the processor diffusers' pipelines feed the
 encoder with): the shortest side resized to ``size`` (bicubic, antialiased, its width and height
-passes clamped to the pixel range as the processor's 8-bit resize clamps them), a centre crop of ``crop_size``, and CLIP's mean and std;
-on an 8-bit image it equals the processor's up to the rounding to 8 bits after resizing.
+passes clamped to the pixel range as the processor's 8-bit resize clamps them), a centre crop of
+``crop_size``, and CLIP's mean and std; on an 8-bit image it equals the processor's up to the
+rounding to 8 bits after resizing.
 """
 
 from __future__ import annotations
