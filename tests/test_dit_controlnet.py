@@ -218,3 +218,20 @@ def test_bad_input_is_refused():
 def test_num_blocks_outside_the_depth_is_refused(num_blocks):
     with pytest.raises(ValueError, match=f"num_blocks={num_blocks} must be between 1 and the base's depth {DEPTH}"):
         DiTControlNet(tiny_dit("labels"), num_blocks=num_blocks)
+
+
+def test_a_copy_of_base_and_controlnet_together_keeps_them_together():
+    """The ControlNet holds its base by reference: deepcopying both (EMA, merged copies) must make the
+    copied ControlNet read the copied base, and its state dict alone must round-trip."""
+    base = trained_base("labels")
+    net = DiTControlNet(base, num_blocks=2)
+    perturb(net, torch.Generator().manual_seed(7))
+    pair = copy.deepcopy(torch.nn.ModuleDict({"base": base, "net": net}))
+    assert pair["net"].base is pair["base"]
+    x, t, cond, control = inputs("labels")
+    with torch.no_grad():
+        expected = controlled(base, net, x, t, cond, control)
+        assert torch.equal(controlled(pair["base"], pair["net"], x, t, cond, control), expected)
+        fresh = DiTControlNet(base, num_blocks=2)
+        fresh.load_state_dict(net.state_dict())
+        assert torch.equal(controlled(base, fresh, x, t, cond, control), expected)
