@@ -58,7 +58,7 @@ class DiTControlNet(nn.Module):
         if not 1 <= num_blocks <= depth:
             raise ValueError(
                 f"DiTControlNet num_blocks={num_blocks} must be between 1 and the base's depth {depth} "
-                "(it copies the base's first num_blocks blocks)."
+                "(it copies the base's first num_blocks blocks; PixArt-delta copies 13 of 28); set num_blocks."
             )
         object.__setattr__(self, "base", base)  # a reference, not a submodule: see the module docstring
         self.num_blocks = num_blocks
