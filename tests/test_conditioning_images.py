@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from diffusion.data.annotators import annotate
@@ -262,12 +262,12 @@ def test_two_sources_or_bad_annotator_options_are_refused(tmp_path):
         ImageCaptionDataModule(root, annotator_options={"low": 10})
 
 
-def test_config_instantiates_with_an_annotator(tmp_path):
+def test_config_instantiates_with_an_annotator_from_the_command_line_overrides(tmp_path):
     root = make_captioned_folder(tmp_path, n=4)
-    data = OmegaConf.load(CONF / "data" / "image_folder.yaml")
-    settings = [f"root={root}", "resolution=32", "batch_size=2", "num_workers=0", "annotator=canny",
-                "annotator_options={low: 50, high: 150}"]
-    cfg = OmegaConf.merge({"seed": 0, "data": data}, OmegaConf.from_dotlist([f"data.module.{s}" for s in settings]))
+    overrides = ["data=image_folder", f"data.module.root={root}", "data.module.resolution=32", "data.module.batch_size=2",
+                 "data.module.num_workers=0", "data.module.annotator=canny", "data.module.annotator_options={low: 50, high: 150}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("train", overrides=overrides)
     dm = instantiate(cfg.data.module)
     assert dm.conditioning_source == {"annotator": "canny", "options": {"high": 150, "low": 50}}
     batch = next(iter(dm.train_dataloader()))
