@@ -221,6 +221,15 @@ def test_missing_conditioning_images_name_the_row_or_the_image(tmp_path):
         ImageCaptionDataset(root, resolution=32, conditioning_column="conditioning_image")
     with pytest.raises(ValueError, match=r"row 1: needs columns 'file_name', 'text', 'control'"):
         ImageCaptionDataset(root, resolution=32, conditioning_column="control")
+    (root / "conditioning" / "img_001.png").write_bytes((root / "img_001.png").read_bytes())
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    _write_metadata(root, rows[1:], "jsonl")
+    with pytest.raises(ValueError, match=r"2 images .* have no row in .*metadata.jsonl.*conditioning/img_000.png, .*/img_000.png"):
+        ImageCaptionDataset(root, resolution=32, conditioning_column="conditioning_image")
+    _write_metadata(root, [*rows, {"file_name": "conditioning/img_001.png", "text": "x", "conditioning_image": "img_002.jpg"}],
+                    "jsonl")
+    with pytest.raises(ValueError, match="listed both as file_name and as conditioning images"):
+        ImageCaptionDataset(root, resolution=32, conditioning_column="conditioning_image")
     plain = make_captioned_folder(tmp_path / "txt", n=3, layout="txt")
     with pytest.raises(FileNotFoundError, match="conditioning_column='conditioning_image' is a column of metadata"):
         ImageCaptionDataset(plain, resolution=32, conditioning_column="conditioning_image")
