@@ -285,22 +285,23 @@ class ImageCaptionDataset(ReplacesBadImages):
         flip = self.hflip and coin
         cover = cover_size(img.size, target)  # the size resize_crop resizes to
         img, (top, left) = resize_crop(img, target, self.crop, generator)
-        item: dict[str, Any] = {}
+        conditioning_image = None
         if conditioning is not None:
-            conditioning = crop_like(conditioning, cover, target, top, left)
-        elif self.annotator is not None:  # on the training view itself, so flipped first
+            conditioning_image = to_tensor(crop_like(conditioning, cover, target, top, left))
+            conditioning_image = conditioning_image.flip(-1) if flip else conditioning_image
+        elif self.annotator is not None:  # the training view itself, flipped first: exactly annotate(image)
             view = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
-            item["conditioning_image"] = to_tensor(annotate(view, self.annotator, **self.annotator_options))
+            conditioning_image = to_tensor(annotate(view, self.annotator, **self.annotator_options))
         image = to_tensor(img)
         if flip:
             image = image.flip(-1)
             # diffusers' SDXL script flips before it crops: the same pixels, cropped from the right.
             left = cover[0] - target[1] - left
-        if conditioning is not None:
-            tensor = to_tensor(conditioning)
-            item["conditioning_image"] = tensor.flip(-1) if flip else tensor
+        item = {"image": image}
+        if conditioning_image is not None:
+            item["conditioning_image"] = conditioning_image
         width, height = record.size
-        return {"image": image, **item, "caption": record.caption, "has_caption": record.has_caption,
+        return {**item, "caption": record.caption, "has_caption": record.has_caption,
                 "path": str(record.path), "index": candidate,
                 "original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor([top, left]),
                 "target_size": torch.tensor(target)}
