@@ -180,3 +180,34 @@ def test_a_backbone_without_concat_channels_is_refused_by_name(tmp_path):
     cfg.backbone._target_ = "diffusion.backbones.diffusers_mmdit.SD3Transformer"
     with pytest.raises(ValueError, match="takes no concat_channels"):
         cli.build_module(cfg)
+
+
+def test_super_resolution_trains_on_the_fly_and_from_a_cache_of_the_conditions_latents(tmp_path):
+    """image_condition=image_to_image with the low_resolution annotator in latent diffusion: the cache
+    stores each sample's condition latents (the autoencoder's mode of its conditioning image), equal
+    to what training computes on the fly, and both runs train."""
+    from hydra.utils import instantiate
+
+    from diffusion.data.cache import CachedDataset
+    from tests.make_captioned_folder import make_captioned_folder
+
+    folder = make_captioned_folder(tmp_path / "images", n=6)
+    overrides = [*FAST, "data=image_folder", f"data.module.root={folder}", "data.module.resolution=16",
+                 "data.module.batch_size=2", "data.module.annotator=low_resolution",
+                 "data.module.annotator_options={factor: 4}", "conditioning=none", "vae=tiny_sd",
+                 "image_condition=image_to_image", f"cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_config("train", overrides, tmp_path / "cache_run")
+    cli.cache(cfg)
+    model = cli.build_module(cfg).eval()
+    assert model.backbone.concat_channels == 4  # the latents' channels
+    source = instantiate(cfg.data.module).dataset("train")
+    cached = CachedDataset(tmp_path / "cache" / "train", cli.cache_fingerprint(cfg, model))
+    for i in range(2):
+        item = source[i]
+        with torch.no_grad():
+            expected = model.autoencoder.encode(item["conditioning_image"][None])  # the mode: sample_posterior off
+        torch.testing.assert_close(cached[i]["concat"].float(), expected[0], rtol=1e-5, atol=1e-5)
+    cli.train(compose_config("train", overrides, tmp_path / "from_cache"))
+    cli.train(compose_config("train", [o for o in overrides if not o.startswith("cache_dir")], tmp_path / "on_the_fly"))
+    assert (tmp_path / "from_cache" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "on_the_fly" / "checkpoints" / "last.ckpt").is_file()
