@@ -143,6 +143,8 @@ def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder:
         try:
             from diffusion.backbones.dit_controlnet import DiTControlNet
         except ModuleNotFoundError as e:
+            if e.name != "diffusion.backbones.dit_controlnet":
+                raise
             raise ValueError("adapter=controlnet: the DiT ControlNet (diffusion.backbones.dit_controlnet) is not "
                              "in this checkout") from e
         given = {"num_blocks": num_blocks, "conditioning_channels": conditioning_channels,

@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 import torch
 
-from diffusion.adapters import ControlNet, save_controlnets
+from diffusion.adapters import ControlNet, Frozen, save_controlnets
 from diffusion.backbones import DiffusersUNet, build_unet
 from diffusion.backbones.diffusers_controlnet import DiffusersControlNet
 from diffusion.backbones.unet_controlnet import UNetControlNet
@@ -307,3 +307,31 @@ def test_bad_controls_are_refused_with_what_to_give():
         controlnet_for(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="holds no ControlNet"):
         set_control_scale(torch.nn.Linear(2, 2), 1.0)
+
+
+def test_sampling_takes_the_control_as_an_input_and_control_scale_set_on_the_module():
+    """DiffusionModule.sample(inputs={"control": ...}) reaches the ControlNet (in both branches of guidance);
+    set_control_scale(module, 0) gives the base's samples exactly."""
+    def build(adapter):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(8)
+            unet = build_unet("unet_tiny", in_channels=4, norm_groups=8)
+        _perturb(unet, 108)
+        return DiffusionModule(unet, DDPM("linear", "eps"), adapter=adapter, image_shape=(4, 8, 8)).eval()
+
+    controlled, frozen = build(ControlNet(pixels_per_latent=4)), build(Frozen())
+    _perturb(controlled.ema.module.controlnets[0], seed=9)
+    control = _randn(2, 1, 3, 32, 32, seed=4)
+
+    def sample(module, **kwargs):
+        return module.sample(2, steps=3, sampler="ddim", decode=False, generator=torch.Generator().manual_seed(0),
+                             **kwargs)
+
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="cond.control is None"):
+            sample(controlled)
+        acted = sample(controlled, inputs={"control": control})
+        assert set_control_scale(controlled, 0.0) == 2  # the backbone and its EMA copy
+        unscaled = sample(controlled, inputs={"control": control})
+        base = sample(frozen)
+    assert torch.equal(unscaled, base) and not torch.allclose(acted, base, atol=1e-4)
