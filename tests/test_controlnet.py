@@ -335,3 +335,42 @@ def test_sampling_takes_the_control_as_an_input_and_control_scale_set_on_the_mod
         unscaled = sample(controlled, inputs={"control": control})
         base = sample(frozen)
     assert torch.equal(unscaled, base) and not torch.allclose(acted, base, atol=1e-4)
+
+
+def test_an_sdxl_controlnet_gets_the_added_conditions_as_diffusers_passes_them():
+    """SDXL's text_embeds and time ids go to the ControlNet as to the UNet (ControlNetModel.from_unet copies
+    its added time embedding)."""
+    from tests.test_sdxl import POOLED, TINY_SDXL_UNET
+    from tests.test_sdxl import WIDTH as SDXL_WIDTH
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        base = DiffusersUNet(config=TINY_SDXL_UNET, in_channels=4, token_dim=SDXL_WIDTH, pooled_dim=POOLED).eval()
+    _perturb(base, 105)
+    model = ControlNet(control_scale=0.8).apply(base)
+    x, t, _ = _sd_inputs()
+    cond = Conditioning(tokens=_randn(2, 5, SDXL_WIDTH, seed=11), pooled=_randn(2, POOLED, seed=12),
+                        time_ids=torch.tensor([[64, 64, 0, 0, 64, 64], [80, 72, 4, 2, 64, 64]]),
+                        control=_randn(2, 1, 3, 64, 64, seed=13).clamp(-1, 1))
+    with torch.no_grad():
+        assert torch.equal(model(x, t, cond), base(x, t, cond))
+        _perturb(model.controlnets[0], seed=14)
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids.float()}
+        steps = torch.tensor([299.0, 799.0])
+        down, mid = model.controlnets[0].controlnet(x, steps, encoder_hidden_states=cond.tokens,
+                                                    controlnet_cond=(cond.control[:, 0] + 1) / 2,
+                                                    conditioning_scale=0.8, added_cond_kwargs=added, return_dict=False)
+        theirs = base.unet(x, steps, encoder_hidden_states=cond.tokens, added_cond_kwargs=added,
+                           down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        torch.testing.assert_close(model(x, t, cond), theirs, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(theirs, base(x, t, cond), atol=1e-4)
+
+
+def test_adapter_controlnet_composes_from_its_config(tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.tiny_encoders import group_config
+
+    adapter = instantiate(group_config("adapter", "controlnet", tmp_path), _convert_="all")
+    assert isinstance(adapter, ControlNet) and not adapter.trains_base and adapter.name == "controlnet"
+    assert adapter.num_controls == 1 and adapter.input_space == "pixels" and adapter.pixels_per_latent is None
