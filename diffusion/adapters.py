@@ -185,7 +185,9 @@ class ControlNet(Adapter):
     ones): a diffusers ControlNetModel's hub id or directory for a DiffusersUNet (``subfolder`` in a
     repository), a ``controlnet.safetensors`` of this project for our UNet / DiT.
     ``input_space``: "pixels" (the conditioning image in [-1, 1]; DiffusersControlNet maps it to
-    diffusers' [0, 1]) or "latents" (our UNet's: the autoencoder's latents of it).
+    diffusers' [0, 1]) or "latents" (the autoencoder's latents of it: our UNet's option, the DiT's only
+    one); null: the ControlNet's own (pixels for the UNets, latents for the DiT). Each ControlNet says
+    which in its ``input_space``, ``Controlled.input_spaces`` for all.
     ``pixels_per_latent``: the autoencoder's factor (1 in pixel space); null: the base's own (8 for a
     DiffusersUNet), else 1. ``num_blocks``: the DiT ControlNet's copied blocks (null: its default).
     ``control_scale``: the residuals' scale, one number or one per ControlNet; set it again at sampling
@@ -196,7 +198,7 @@ class ControlNet(Adapter):
     pretrained: str | Sequence[str | None] | None = None
     subfolder: str | None = "controlnet"
     conditioning_channels: int = 3
-    input_space: str = "pixels"
+    input_space: str | None = None
     pixels_per_latent: int | None = None
     num_blocks: int | None = None
     control_scale: float | Sequence[float] = 1.0
@@ -211,7 +213,7 @@ class ControlNet(Adapter):
 
         if not isinstance(self.num_controls, int) or self.num_controls < 1:
             raise ValueError(f"adapter.num_controls={self.num_controls!r}: the number of ControlNets, an integer >= 1")
-        check_choice("adapter.input_space", self.input_space, ("pixels", "latents"))
+        check_choice("adapter.input_space", self.input_space, (None, "pixels", "latents"))
         self.pretrained_list()  # refused here when it does not give one per ControlNet
         _check_base_dtype(self.base_dtype)
 

@@ -105,12 +105,14 @@ def set_control_scale(module: nn.Module, scale: float | Sequence[float]) -> int:
 
 
 def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder: str | None = "controlnet",
-                   conditioning_channels: int = 3, input_space: str = "pixels", pixels_per_latent: int | None = None,
+                   conditioning_channels: int = 3, input_space: str | None = None, pixels_per_latent: int | None = None,
                    num_blocks: int | None = None) -> nn.Module:
     """The ControlNet of ``base`` by its type, initialised from its weights (or ``pretrained``'s):
     UNet -> UNetControlNet, DiffusersUNet -> DiffusersControlNet (diffusers' ControlNetModel), DiT ->
     DiTControlNet (diffusion.backbones.dit_controlnet; ``num_blocks`` copied blocks).
 
+    ``input_space``: what the control holds, "pixels" or "latents" (our UNet reads either); None: the
+    ControlNet's own (pixels for the UNets, latents for the DiT).
     ``pixels_per_latent``: how much larger a pixel control is than x_t (the autoencoder's factor; 1 in
     pixel space); None: the base's ``pixels_per_latent`` where it has one (DiffusersUNet: 8), else 1.
     ``pretrained``: for a DiffusersUNet a ControlNetModel's hub id or directory (``subfolder`` in it);
@@ -125,7 +127,7 @@ def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder:
     if isinstance(base, DiffusersUNet):
         from diffusion.backbones.diffusers_controlnet import DiffusersControlNet
 
-        if input_space != "pixels":
+        if input_space not in (None, "pixels"):
             raise ValueError(f"adapter.input_space={input_space!r}: diffusers' ControlNetModel reads pixels; use "
                              "input_space=pixels")
         net = DiffusersControlNet(base, pretrained=pretrained, subfolder=subfolder,
@@ -137,7 +139,7 @@ def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder:
     if isinstance(base, UNet):
         from diffusion.backbones.unet_controlnet import UNetControlNet
 
-        net = UNetControlNet(base, conditioning_channels=conditioning_channels, input_space=input_space,
+        net = UNetControlNet(base, conditioning_channels=conditioning_channels, input_space=input_space or "pixels",
                              pixels_per_latent=factor)
     elif isinstance(base, DiT):
         try:
@@ -147,9 +149,13 @@ def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder:
                 raise
             raise ValueError("adapter=controlnet: the DiT ControlNet (diffusion.backbones.dit_controlnet) is not "
                              "in this checkout") from e
+        if input_space not in (None, DiTControlNet.input_space):
+            raise ValueError(f"adapter.input_space={input_space!r}: the DiT ControlNet reads {DiTControlNet.input_space} "
+                             f"(the conditioning image through the autoencoder); use input_space={DiTControlNet.input_space} "
+                             "or leave it null")
         given = {"num_blocks": num_blocks, "conditioning_channels": conditioning_channels,
                  "input_space": input_space, "pixels_per_latent": factor}
-        takes = inspect.signature(DiTControlNet).parameters
+        takes = inspect.signature(DiTControlNet).parameters  # the options it has
         net = DiTControlNet(base, **{k: v for k, v in given.items() if k in takes and v is not None})
     else:
         raise ValueError(f"adapter=controlnet has no ControlNet for backbone {type(base).__name__}; it takes our "

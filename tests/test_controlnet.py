@@ -373,4 +373,4 @@ def test_adapter_controlnet_composes_from_its_config(tmp_path):
 
     adapter = instantiate(group_config("adapter", "controlnet", tmp_path), _convert_="all")
     assert isinstance(adapter, ControlNet) and not adapter.trains_base and adapter.name == "controlnet"
-    assert adapter.num_controls == 1 and adapter.input_space == "pixels" and adapter.pixels_per_latent is None
+    assert adapter.num_controls == 1 and adapter.input_space is None and adapter.pixels_per_latent is None
