@@ -43,6 +43,10 @@ class Controlled(nn.Module):
         super().__init__()
         if not controlnets:
             raise ValueError("Controlled needs at least one ControlNet")
+        spaces = {getattr(net, "input_space", None) for net in controlnets}
+        if len(spaces) > 1:  # cond.control is one (B, K, C, H, W) tensor: its K controls share a space and size
+            raise ValueError(f"Controlled: the ControlNets read controls in different spaces {sorted(map(str, spaces))}; "
+                             "cond.control holds them in one tensor, so combine ControlNets of one input_space")
         self.base = base
         self.controlnets = nn.ModuleList(controlnets)
         self.control_scale = scales

@@ -303,6 +303,9 @@ def test_bad_controls_are_refused_with_what_to_give():
         ControlNet(num_controls=2, pretrained=["a"])
     with pytest.raises(ValueError, match="power of 2"):
         ControlNet(pixels_per_latent=3).apply(_our_unet())
+    unet = _our_unet()
+    with pytest.raises(ValueError, match="different spaces"):
+        Controlled(unet, [UNetControlNet(unet), UNetControlNet(unet, 4, input_space="latents")])
     with pytest.raises(ValueError, match="no ControlNet for backbone"):
         controlnet_for(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="holds no ControlNet"):
