@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from diffusion.conditioning.types import Conditioning
@@ -45,8 +44,9 @@ class Controlled(nn.Module):
             raise ValueError("Controlled needs at least one ControlNet")
         spaces = {getattr(net, "input_space", None) for net in controlnets}
         if len(spaces) > 1:  # cond.control is one (B, K, C, H, W) tensor: its K controls share a space and size
-            raise ValueError(f"Controlled: the ControlNets read controls in different spaces {sorted(map(str, spaces))}; "
-                             "cond.control holds them in one tensor, so combine ControlNets of one input_space")
+            raise ValueError(f"Controlled: the ControlNets read controls in different spaces "
+                             f"{sorted(map(str, spaces))}; cond.control holds them in one tensor, so combine "
+                             "ControlNets of one input_space")
         self.base = base
         self.controlnets = nn.ModuleList(controlnets)
         self.control_scale = scales
@@ -153,10 +153,10 @@ def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder:
                 raise
             raise ValueError("adapter=controlnet: the DiT ControlNet (diffusion.backbones.dit_controlnet) is not "
                              "in this checkout") from e
-        if input_space not in (None, DiTControlNet.input_space):
-            raise ValueError(f"adapter.input_space={input_space!r}: the DiT ControlNet reads {DiTControlNet.input_space} "
-                             f"(the conditioning image through the autoencoder); use input_space={DiTControlNet.input_space} "
-                             "or leave it null")
+        space = DiTControlNet.input_space
+        if input_space not in (None, space):
+            raise ValueError(f"adapter.input_space={input_space!r}: the DiT ControlNet reads {space} (the conditioning "
+                             f"image through the autoencoder); use input_space={space} or leave it null")
         given = {"num_blocks": num_blocks, "conditioning_channels": conditioning_channels,
                  "input_space": input_space, "pixels_per_latent": factor}
         takes = inspect.signature(DiTControlNet).parameters  # the options it has

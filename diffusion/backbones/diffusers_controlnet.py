@@ -85,8 +85,10 @@ class DiffusersControlNet(nn.Module):
         added = kwargs["added_cond_kwargs"]
         if added is not None:
             added = {k: v.to(dtype) for k, v in added.items()}
-        down, mid = self.controlnet(sample.to(dtype), timestep, encoder_hidden_states=kwargs["encoder_hidden_states"].to(
-            dtype), controlnet_cond=((control + 1) / 2).to(dtype), added_cond_kwargs=added, return_dict=False)
+        tokens = kwargs["encoder_hidden_states"].to(dtype)
+        down, mid = self.controlnet(sample.to(dtype), timestep, encoder_hidden_states=tokens,
+                                    controlnet_cond=((control + 1) / 2).to(dtype), added_cond_kwargs=added,
+                                    return_dict=False)
         return [*down, mid]
 
     def save_pretrained(self, directory: str | Path) -> Path:
