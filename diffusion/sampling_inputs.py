@@ -92,7 +92,7 @@ def load_inputs(cfg: Any, model: Any) -> SamplingInputs | None:
         value = given[option]
         if option == "control":
             paths = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-            expected = getattr(model.backbone, "num_controls", 1)
+            expected = len(model.backbone.controlnets)
             if len(paths) != expected:
                 raise ValueError(f"control={value}: the model has {expected} ControlNet(s); give one path each, "
                                  f"control='[a, b]' for two")

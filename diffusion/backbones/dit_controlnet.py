@@ -43,18 +43,19 @@ class DiTControlNet(nn.Module):
     ``DiT.forward(control_residuals=...)``.
 
     num_blocks: how many of the base's first blocks are copied (PixArt-delta: 13 of 28); at most the
-    base's depth. The copies start as the base's weights, the linears as zero, so at initialisation
+    base's depth; None: 13, or the whole depth of a shallower base. The copies start as the base's weights, the linears as zero, so at initialisation
     every residual is zero and the controlled model equals the base.
     """
 
     input_space = "latents"
     block_types = (DiTBlock,)  # the units of FSDP sharding
 
-    def __init__(self, base: DiT, num_blocks: int = 13) -> None:
+    def __init__(self, base: DiT, num_blocks: int | None = None) -> None:
         super().__init__()
         if not isinstance(base, DiT):
             raise TypeError(f"DiTControlNet needs a DiT base backbone, got {type(base).__name__}.")
         depth = len(base.blocks)
+        num_blocks = min(13, depth) if num_blocks is None else num_blocks
         if not 1 <= num_blocks <= depth:
             raise ValueError(
                 f"DiTControlNet num_blocks={num_blocks} must be between 1 and the base's depth {depth} "
