@@ -195,13 +195,14 @@ class ControlNet(Adapter):
     """
 
     num_controls: int = 1
-    pretrained: str | Sequence[str | None] | None = None
+    # Any: OmegaConf, which Hydra passes the adapter through, takes no unions of containers.
+    pretrained: Any = None  # str | Sequence[str | None] | None
     subfolder: str | None = "controlnet"
     conditioning_channels: int = 3
     input_space: str | None = None
     pixels_per_latent: int | None = None
     num_blocks: int | None = None
-    control_scale: float | Sequence[float] = 1.0
+    control_scale: Any = 1.0  # float | Sequence[float]
     base: str | None = None
     base_dtype: str = "float32"
 
