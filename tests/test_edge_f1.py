@@ -88,3 +88,41 @@ def test_bad_inputs_are_named():
         edge_f1(samples, _canny(samples), tolerance=-1)
     with pytest.raises(ValueError, match="condition='photo' is not supported"):
         edge_f1(samples, _canny(samples), condition="photo")
+
+
+def test_evaluate_py_scores_samples_against_their_controls(tmp_path):
+    """evaluate.py metrics=[edge_f1] control=FOLDER: sample i against control file i % n, the mean
+    F1 of cv2.Canny edges (scikit-learn's f1_score per image), written to metrics.json."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.metrics import f1_score
+
+    from diffusion.evaluation.job import evaluate
+    from tests.conftest import compose_config
+
+    rng = np.random.default_rng(0)
+    samples = np.zeros((4, 32, 32, 3), np.uint8)
+    for i, s in enumerate(samples):
+        s[4 + 2 * i: 20, 6: 24 + i] = rng.integers(120, 255, 3)  # a rectangle, its edges where Canny finds them
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    (tmp_path / "controls").mkdir()
+    controls = []
+    for i in range(2):  # two edge maps, cycled: sample i against control i % 2
+        edges = cv2.Canny(samples[i], 100, 200)
+        edges[::7] = 0  # not quite the sample's
+        controls.append(edges)
+        Image.fromarray(np.repeat(edges[..., None], 3, axis=2)).save(tmp_path / "controls" / f"{i}.png")
+    cfg = compose_config("evaluate", [f"samples={tmp_path / 'samples.npz'}", "metrics=[edge_f1]", "ref=none",
+                                      f"control={tmp_path / 'controls'}", f"out={tmp_path / 'eval'}", "device=cpu"],
+                         tmp_path)
+    evaluate(cfg)
+    got = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["edge_f1"]
+    expected = np.mean([f1_score(controls[i % 2].ravel() > 0, cv2.Canny(samples[i], 100, 200).ravel() > 0,
+                                 zero_division=1) for i in range(4)])
+    assert got == pytest.approx(expected, abs=1e-12) and 0 < got < 1
+    cfg = compose_config("evaluate", [f"samples={tmp_path / 'samples.npz'}", "metrics=[edge_f1]", "ref=none",
+                                      f"out={tmp_path / 'no'}", "device=cpu"], tmp_path)
+    with pytest.raises(ValueError, match="pass control=PATH"):
+        evaluate(cfg)
