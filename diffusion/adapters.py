@@ -1,5 +1,6 @@
 """What of the backbone trains (the ``adapter`` config group): everything (``full``), nothing
-(``frozen``; Textual Inversion trains an embedding alone) or LoRA layers through peft (``lora``).
+(``frozen``; Textual Inversion trains an embedding alone), LoRA layers through peft (``lora``) or
+ControlNets beside the fixed base (``controlnet``, diffusion.controlnet).
 
 An adapter is applied to the freshly built backbone, before the EMA copy is made
 (diffusion.training.module.DiffusionModule). With any adapter but ``full`` the backbone's base
@@ -171,6 +172,101 @@ class LoRA(Adapter):
         for name, param in backbone.named_parameters():
             param.requires_grad_(".lora_" in name)
         return cast_base(backbone, self.base_dtype)
+
+
+@dataclass
+class ControlNet(Adapter):
+    """ControlNet (Zhang et al. 2023): the base is fixed; ``num_controls`` ControlNets, trainable copies of
+    its encoder with zero-initialised outputs (diffusion.controlnet.controlnet_for), are the only part
+    that trains. The backbone becomes ``Controlled(base, controlnets, control_scale)``; its condition
+    needs ``cond.control`` (B, num_controls, C, H, W), each in its ControlNet's ``input_space``.
+
+    ``pretrained``: the ControlNet(s) to start from (one, or a list of num_controls, None for fresh
+    ones): a diffusers ControlNetModel's hub id or directory for a DiffusersUNet (``subfolder`` in a
+    repository), a ``controlnet.safetensors`` of this project for our UNet / DiT.
+    ``input_space``: "pixels" (the conditioning image in [-1, 1]; DiffusersControlNet maps it to
+    diffusers' [0, 1]) or "latents" (the autoencoder's latents of it: our UNet's option, the DiT's only
+    one); null: the ControlNet's own (pixels for the UNets, latents for the DiT). Each ControlNet says
+    which in its ``input_space``, ``Controlled.input_spaces`` for all.
+    ``pixels_per_latent``: the autoencoder's factor (1 in pixel space); null: the base's own (8 for a
+    DiffusersUNet), else 1. ``num_blocks``: the DiT ControlNet's copied blocks (null: its default).
+    ``control_scale``: the residuals' scale, one number or one per ControlNet; set it again at sampling
+    with diffusion.controlnet.set_control_scale. ``base``, ``base_dtype``: as :class:`LoRA`'s.
+    """
+
+    num_controls: int = 1
+    # Any: OmegaConf, which Hydra passes the adapter through, takes no unions of containers.
+    pretrained: Any = None  # str | Sequence[str | None] | None
+    subfolder: str | None = "controlnet"
+    conditioning_channels: int = 3
+    input_space: str | None = None
+    pixels_per_latent: int | None = None
+    num_blocks: int | None = None
+    control_scale: Any = 1.0  # float | Sequence[float]
+    base: str | None = None
+    base_dtype: str = "float32"
+
+    name = "controlnet"
+    trains_base = False
+
+    def __post_init__(self) -> None:
+        from diffusion._checks import check_choice
+
+        if not isinstance(self.num_controls, int) or self.num_controls < 1:
+            raise ValueError(f"adapter.num_controls={self.num_controls!r}: the number of ControlNets, an integer >= 1")
+        check_choice("adapter.input_space", self.input_space, (None, "pixels", "latents"))
+        self.pretrained_list()  # refused here when it does not give one per ControlNet
+        _check_base_dtype(self.base_dtype)
+
+    def pretrained_list(self) -> list[str | None]:
+        given = self.pretrained
+        if given is None or isinstance(given, str):
+            return [given] * self.num_controls
+        given = list(given)
+        if len(given) != self.num_controls:
+            raise ValueError(f"adapter.pretrained lists {len(given)} ControlNets for num_controls={self.num_controls}: "
+                             "give one per ControlNet (null for a fresh one), or a single one for all")
+        return given
+
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        from diffusion.controlnet import Controlled, controlnet_for
+
+        backbone.requires_grad_(False)
+        nets = [controlnet_for(backbone, pretrained=p, subfolder=self.subfolder,
+                               conditioning_channels=self.conditioning_channels, input_space=self.input_space,
+                               pixels_per_latent=self.pixels_per_latent, num_blocks=self.num_blocks)
+                for p in self.pretrained_list()]  # float32 copies of the base, before it is cast
+        return Controlled(cast_base(backbone, self.base_dtype), nets, self.control_scale)
+
+    def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
+        """The EMA ControlNets: ``controlnet/`` (``controlnet_{k}/`` for several) in diffusers' layout, which
+        ``ControlNetModel.from_pretrained`` reads, for a DiffusersUNet; ``controlnet.safetensors``
+        (``controlnet_{k}.safetensors``), the state dict that ``adapter.pretrained`` reads, for ours."""
+        return save_controlnets(getattr(getattr(module, "ema", None), "module", module), directory)
+
+
+def save_controlnets(backbone: nn.Module, directory: str | Path) -> list[Path]:
+    """Write the ControlNets of a Controlled ``backbone`` (see :meth:`ControlNet.write_outputs`)."""
+    from safetensors.torch import save_file
+
+    from diffusion.controlnet import Controlled
+
+    if not isinstance(backbone, Controlled):
+        raise ValueError(f"the backbone ({type(backbone).__name__}) holds no ControlNet (adapter=controlnet)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    many = len(backbone.controlnets) > 1
+    written = []
+    for k, net in enumerate(backbone.controlnets):
+        stem = f"controlnet_{k}" if many else "controlnet"
+        if hasattr(net, "save_pretrained"):  # diffusers' ControlNetModel
+            written.append(net.save_pretrained(directory / stem))
+        else:
+            path = directory / f"{stem}.safetensors"
+            save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, path,
+                      metadata={"controlnet": type(net).__name__, "input_space": net.input_space})
+            written.append(path)
+    return written
 
 
 def _check_base_dtype(base_dtype: str) -> str:

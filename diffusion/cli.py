@@ -84,6 +84,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     # What trains of the backbone (conf/adapter). An adapter's base weights are fixed and only hashed in
     # checkpoints: a randomly initialised base is built under the run's seed, so that it comes out the same.
     adapter = instantiate(cfg.adapter, _convert_="all") if cfg.get("adapter") is not None else None
+    image_condition = controlled_condition(adapter, image_condition, autoencoder)
     with torch.random.fork_rng(devices=[], enabled=adapter is not None and not adapter.trains_base):
         if adapter is not None and not adapter.trains_base:
             torch.manual_seed(cfg.seed)
@@ -96,6 +97,25 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     return instantiate(cfg.model, backbone=backbone, conditioner=conditioner, autoencoder=autoencoder,
                        image_shape=(channels, height, width), adapter=adapter, image_condition=image_condition,
                        _convert_="object")
+
+
+def controlled_condition(adapter: Any, image_condition: Any, autoencoder: Any) -> Any:
+    """A ControlNet reads the data's conditioning images: adapter=controlnet brings image_condition=control
+    (another image condition beside it is refused), and a pixel ControlNet of a latent model gets the
+    autoencoder's factor."""
+    from diffusion.adapters import ControlNet
+    from diffusion.conditioning.image_inputs import Control
+
+    if not isinstance(adapter, ControlNet):
+        if isinstance(image_condition, Control):
+            raise ValueError("image_condition=control feeds a ControlNet: add adapter=controlnet")
+        return image_condition
+    if image_condition is not None and not isinstance(image_condition, Control):
+        raise ValueError(f"adapter=controlnet reads the conditioning image as its control, and image_condition="
+                         f"{image_condition.name} asks for another condition; leave image_condition out")
+    if adapter.pixels_per_latent is None and autoencoder is not None:
+        adapter.pixels_per_latent = autoencoder.downsample_factor
+    return image_condition if image_condition is not None else Control()
 
 
 def concat_kwargs(cfg: DictConfig, image_condition: Any, latent_channels: int) -> dict[str, int]:
@@ -367,6 +387,12 @@ def sample(cfg: DictConfig, *, out_key: str = "out", num_in_name: bool = False) 
     inputs = load_inputs(cfg, model)  # control=, image= and mask=, ip_image=
     if inputs is not None:
         args.manifest["inputs"] = inputs.manifest
+    if cfg.get("control_scale") is not None:  # the ControlNets' residual scale(s), the run's without it
+        from diffusion.controlnet import set_control_scale
+
+        scale = OmegaConf.to_object(cfg.control_scale) if OmegaConf.is_config(cfg.control_scale) else cfg.control_scale
+        set_control_scale(model, scale)
+        args.manifest["control_scale"] = scale
     name = f"{args.sampler}_{args.steps}_cfg{args.cfg_scale:g}_seed{cfg.seed}" + (f"_num{cfg.num}" if num_in_name else "")
     out = Path(cfg[out_key]) if cfg.get(out_key) else run_of(path) / "samples" / name
     job.check_manifest(out, args.manifest, out_key=out_key)

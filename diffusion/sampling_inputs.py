@@ -51,6 +51,17 @@ def _load(option: str, path: Path, size: tuple[int, int], channels: int) -> Tens
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def control_images(value: Any, num: int, size: tuple[int, int]) -> "np.ndarray":
+    """The conditions of ``num`` samples as uint8 (num, H, W, 3): file i % n of ``control=`` (the first
+    ControlNet's where it lists several), resized and center-cropped to ``size`` as sampling loads them."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = list(value)[0]
+    files = _files("control", value)
+    images = [_load("control", f, tuple(size), 3) for f in files]
+    stacked = torch.stack([images[i % len(images)] for i in range(num)])
+    return ((stacked + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 @dataclass
 class SamplingInputs:
     """Every option's images, loaded once; ``batch(indices)`` is the request of those samples."""
@@ -92,7 +103,7 @@ def load_inputs(cfg: Any, model: Any) -> SamplingInputs | None:
         value = given[option]
         if option == "control":
             paths = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-            expected = getattr(model.backbone, "num_controls", 1)
+            expected = len(model.backbone.controlnets)
             if len(paths) != expected:
                 raise ValueError(f"control={value}: the model has {expected} ControlNet(s); give one path each, "
                                  f"control='[a, b]' for two")

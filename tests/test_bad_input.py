@@ -17,7 +17,7 @@ from tests.make_captioned_folder import make_captioned_folder
 
 
 def _groups(config: str) -> list[str]:
-    groups = {"train": ["schedule", "backbone", "adapter", "sampler", "conditioning", "text_encoder", "data", "vae", "trainer",
+    groups = {"train": ["schedule", "backbone", "adapter", "sampler", "conditioning", "text_encoder", "image_condition", "data", "vae", "trainer",
                         "logger", "callbacks", "experiment"], "sample": ["sampler"]}
     return groups[config]
 

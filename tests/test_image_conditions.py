@@ -180,3 +180,94 @@ def test_a_backbone_without_concat_channels_is_refused_by_name(tmp_path):
     cfg.backbone._target_ = "diffusion.backbones.diffusers_mmdit.SD3Transformer"
     with pytest.raises(ValueError, match="takes no concat_channels"):
         cli.build_module(cfg)
+
+
+def test_super_resolution_trains_on_the_fly_and_from_a_cache_of_the_conditions_latents(tmp_path):
+    """image_condition=image_to_image with the low_resolution annotator in latent diffusion: the cache
+    stores each sample's condition latents (the autoencoder's mode of its conditioning image), equal
+    to what training computes on the fly, and both runs train."""
+    from hydra.utils import instantiate
+
+    from diffusion.data.cache import CachedDataset
+    from tests.make_captioned_folder import make_captioned_folder
+
+    folder = make_captioned_folder(tmp_path / "images", n=6)
+    overrides = [*FAST, "data=image_folder", f"data.module.root={folder}", "data.module.resolution=16",
+                 "data.module.batch_size=2", "data.module.annotator=low_resolution",
+                 "data.module.annotator_options={factor: 4}", "conditioning=none", "vae=tiny_sd",
+                 "image_condition=image_to_image", f"cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_config("train", overrides, tmp_path / "cache_run")
+    cli.cache(cfg)
+    model = cli.build_module(cfg).eval()
+    assert model.backbone.concat_channels == 4  # the latents' channels
+    source = instantiate(cfg.data.module).dataset("train")
+    cached = CachedDataset(tmp_path / "cache" / "train", cli.cache_fingerprint(cfg, model))
+    for i in range(2):
+        item = source[i]
+        with torch.no_grad():
+            expected = model.autoencoder.encode(item["conditioning_image"][None])  # the mode: sample_posterior off
+        torch.testing.assert_close(cached[i]["concat"].float(), expected[0], rtol=1e-5, atol=1e-5)
+    cli.train(compose_config("train", overrides, tmp_path / "from_cache"))
+    cli.train(compose_config("train", [o for o in overrides if not o.startswith("cache_dir")], tmp_path / "on_the_fly"))
+    assert (tmp_path / "from_cache" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "on_the_fly" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("backbone,extra", [("unet_tiny", []), ("dit_tiny", ["vae=tiny_sd"])])
+def test_controlnet_trains_on_the_fly_and_from_the_cache_and_samples_with_control(backbone, extra, tmp_path):
+    """adapter=controlnet on a captioned folder with Canny conditioning images: our UNet in pixel space
+    (the control in pixels), our DiT in latent space (PixArt-delta: the control's latents). From the
+    cache and on the fly the first step's loss is the same; sample.py control=FOLDER control_scale=0
+    gives the base's samples (the ControlNet adds nothing), and another scale other ones."""
+    from diffusion.controlnet import Controlled
+    from tests.conftest import logged_losses
+    from tests.make_captioned_folder import make_captioned_folder
+
+    folder = make_captioned_folder(tmp_path / "images", n=6)
+    overrides = [*FAST, f"backbone={backbone}", *extra, "data=image_folder", f"data.module.root={folder}",
+                 "data.module.resolution=16", "data.module.batch_size=2", "data.module.annotator=canny",
+                 "conditioning=text", "text_encoder=openclip_tiny", "adapter=controlnet", "trainer.max_steps=2"]
+    cached = [*overrides, f"cache_dir={tmp_path / 'cache'}"]
+    cli.cache(compose_config("train", cached, tmp_path / "cache_run"))
+    cli.train(compose_config("train", cached, tmp_path / "from_cache"))
+    cli.train(compose_config("train", overrides, tmp_path / "on_the_fly"))
+    on_the_fly, from_cache = logged_losses(tmp_path / "on_the_fly"), logged_losses(tmp_path / "from_cache")
+    assert on_the_fly[0] == pytest.approx(from_cache[0], rel=1e-4)
+    ckpt = tmp_path / "on_the_fly" / "checkpoints" / "last.ckpt"
+    model = cli.load_module(ckpt)
+    assert isinstance(model.backbone, Controlled) and type(model.image_condition).__name__ == "Control"
+    assert model.image_condition.space == ("latents" if backbone == "dit_tiny" else "pixels")
+    controls = tmp_path / "controls"
+    for i in range(2):
+        edges = np.zeros((16, 16)); edges[4 + i, :] = 255; edges[:, 8] = 255
+        _write_png(controls / f"{i}.png", np.repeat(edges[..., None], 3, axis=2))
+    args = ["num=2", "steps=2", "precision=32", "progress=false", f"control={controls}", "prompts=[a red circle]"]
+    samples = {}
+    for scale in (0, 1):
+        npz = cli.sample(compose_config("sample", [f"ckpt={ckpt}", *args, f"control_scale={scale}",
+                                                   f"out={tmp_path / f'scale{scale}'}"], tmp_path))
+        samples[scale] = np.load(npz)["arr_0"]
+    with pytest.raises(ValueError, match="the model has 1 ControlNet"):
+        cli.sample(compose_config("sample", [f"ckpt={ckpt}", *args[:-2], f"control=[{controls},{controls}]",
+                                             f"out={tmp_path / 'two'}"], tmp_path))
+    # sample.py's image i is the direct call on its seed and its control file (i % 2), at its scale.
+    request = torch.stack([torch.from_numpy(np.asarray(Image.open(controls / f"{i}.png"))).permute(2, 0, 1)
+                           for i in range(2)]).float().div(127.5).sub(1)[:, None]  # (B, K=1, 3, H, W)
+    for m in (model.backbone, model.ema.module):
+        m.control_scale = 0.0
+    direct = model.sample(2, ["a red circle"] * 2, steps=2, generator=PerSampleNoise([noise_seed(0, i) for i in range(2)]),
+                          inputs={"conditioning_image": request})
+    np.testing.assert_array_equal(to_uint8(direct), samples[0])
+    # Trained weights (the zero layers moved: the random base's own output layer is zero too) make the
+    # samples depend on the ControlNet at scale 1, and not at scale 0.
+    with torch.no_grad():
+        for module in (model.backbone, model.ema.module):
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    direct = model.sample(2, ["a red circle"] * 2, steps=2, generator=PerSampleNoise([noise_seed(0, i) for i in range(2)]),
+                          inputs={"conditioning_image": request})
+    for m in (model.backbone, model.ema.module):
+        m.control_scale = 1.0
+    moved = model.sample(2, ["a red circle"] * 2, steps=2, generator=PerSampleNoise([noise_seed(0, i) for i in range(2)]),
+                         inputs={"conditioning_image": request})
+    assert (moved - direct).abs().max() > 1e-3

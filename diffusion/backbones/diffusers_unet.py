@@ -24,7 +24,7 @@ With an IP-Adapter (adapter=ip_adapter, diffusion.ip_adapter) the UNet also take
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,21 @@ class DiffusersUNet(nn.Module):
         close = (step - nearest).abs() <= self.num_train_steps * t.abs().to(torch.float64) * torch.finfo(t.dtype).eps
         return torch.where(close, nearest, step).to(torch.float32)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *,
+                control_residuals: Sequence[Tensor] | None = None) -> Tensor:
+        """``control_residuals``: a ControlNet's outputs (diffusion.backbones.diffusers_controlnet), its
+        down residuals then its mid one, passed as diffusers' down_block_additional_residuals and
+        mid_block_additional_residual."""
+        sample, timestep, kwargs = self.unet_inputs(x, t, cond)
+        if control_residuals is not None:
+            *down, mid = (r.to(sample.dtype) for r in control_residuals)
+            kwargs.update(down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+        out = self.unet(sample, timestep, **kwargs, return_dict=False)[0]
+        return out.to(x.dtype)
+
+    def unet_inputs(self, x: Tensor, t: Tensor, cond: Conditioning | None) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The checked (sample, timestep, keyword arguments) of diffusers' call for x_t, t and cond: the
+        text tokens, their mask, SDXL's added conditions; what a ControlNet of this UNet is given too."""
         check_input(self.name, x, t, self.in_channels, self.downsample_factor, "the UNet's downsampling")
         cond = cond if cond is not None else Conditioning()
         if cond.tokens is None:
@@ -198,10 +212,9 @@ class DiffusersUNet(nn.Module):
         ip = self.image_embeds(x, cond)
         if ip is not None:  # one IP-Adapter: a list of one (B, N images, D) tensor, as diffusers' pipelines pass
             added = {**(added or {}), "image_embeds": [ip.to(dtype)]}
-        x_in = with_concat(self.name, x, cond, self.concat_channels)
-        out = self.unet(x_in.to(dtype), self.timestep(t), encoder_hidden_states=cond.tokens.to(dtype),
-                        encoder_attention_mask=mask, added_cond_kwargs=added, return_dict=False)[0]
-        return out.to(x.dtype)
+        x_in = with_concat(self.name, x, cond, self.concat_channels)  # the ControlNet's input too (from_unet's width)
+        return x_in.to(dtype), self.timestep(t), {"encoder_hidden_states": cond.tokens.to(dtype),
+                                                  "encoder_attention_mask": mask, "added_cond_kwargs": added}
 
     def image_embeds(self, x: Tensor, cond: Conditioning) -> Tensor | None:
         """cond.image_embeds (B, N, D), checked, for a UNet with an IP-Adapter (diffusion.ip_adapter); None without."""

@@ -188,28 +188,52 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *, return_variance: bool = False) -> Tensor:
+    def embed_tokens(self, x: Tensor) -> Tensor:
+        """Patch embedding plus 2-D sin-cos positions: (B, C, H, W) -> (B, N, D). Call under the autocast
+        of forward; a ControlNet embeds its control with it too (PixArt-delta)."""
+        height, width = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        # Positions in the parameters' dtype: under autocast the residual stream stays float32.
+        pos = sincos_pos_embed_2d(self.hidden_size, height, width, x.device).to(self.x_embedder.proj.weight.dtype)
+        # The patch embedding is a transposed view of the convolution's output; made contiguous
+        # once here, or every later op (layer norms, residual adds) would inherit that layout and
+        # copy to and from it, in forward and backward.
+        return self.x_embedder(x).contiguous() + pos
+
+    def embed_condition(self, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
+        """c (B, D), the adaLN input (time + labels + pooled), and the projected tokens (B, L, D) or None."""
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(cond.labels)
+        if self.pooled_embedder is not None:
+            c = c + self.pooled_embedder(cond.pooled)
+        tokens = self.token_embedder(cond.tokens) if self.token_embedder is not None else None
+        return c, tokens
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond: Conditioning | None = None,
+        *,
+        return_variance: bool = False,
+        control_residuals: list[Tensor] | None = None,
+    ) -> Tensor:
+        """``control_residuals``: a ControlNet's outputs (diffusion.backbones.dit_controlnet), one (B, N, D)
+        tensor per block from the first; residual i is added to the output of block i (PixArt-delta)."""
         if return_variance and not self.learn_sigma:
             raise ValueError("DiT.forward(return_variance=True) needs a model built with learn_sigma=True")
         check_input("DiT", x, t, self.in_channels, self.patch_size, "the patch size")
         cond = check_condition("DiT", cond, x.shape[0], self.num_classes, self.token_dim, self.pooled_dim)
         height, width = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        residuals = self._check_residuals(control_residuals, (x.shape[0], height * width, self.hidden_size))
         with autocast_context(self.bf16_autocast, x):
-            # Positions in the parameters' dtype: under autocast the residual stream stays float32.
-            pos = sincos_pos_embed_2d(self.hidden_size, height, width, x.device).to(self.x_embedder.proj.weight.dtype)
-            # The patch embedding is a transposed view of the convolution's output; made contiguous
-            # once here, or every later op (layer norms, residual adds) would inherit that layout and
-            # copy to and from it, in forward and backward.
-            h = self.x_embedder(with_concat("DiT", x, cond, self.concat_channels)).contiguous() + pos  # (B, N, D)
-            c = self.t_embedder(t)  # (B, D)
-            if self.y_embedder is not None:
-                c = c + self.y_embedder(cond.labels)
-            if self.pooled_embedder is not None:
-                c = c + self.pooled_embedder(cond.pooled)
-            tokens = self.token_embedder(cond.tokens) if self.token_embedder is not None else None
+            h = self.embed_tokens(with_concat("DiT", x, cond, self.concat_channels))  # (B, N, D)
+            c, tokens = self.embed_condition(t, cond)  # (B, D), (B, L, D) or None
             image_tokens = ip_image_tokens("DiT", self.image_projection, cond)  # IP-Adapter's, else None
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 h = maybe_checkpoint(self.gradient_checkpointing, block, h, c, tokens, cond.mask, image_tokens)
+                if i < len(residuals):
+                    h = h + residuals[i]
             h = self.final_layer(h, c)  # (B, N, p * p * C_out)
         out = rearrange(
             h, "b (h w) (p q c) -> b c (h p) (w q)", h=height, w=width, p=self.patch_size, q=self.patch_size
@@ -217,3 +241,21 @@ class DiT(nn.Module):
         if self.learn_sigma and not return_variance:  # the prediction: the first C channels
             out = out[:, : self.in_channels]
         return out.to(x.dtype)
+
+    def _check_residuals(self, residuals: list[Tensor] | None, shape: tuple[int, int, int]) -> list[Tensor]:
+        """At most one residual per block, each of the hidden states' shape (B, N, D)."""
+        if residuals is None:
+            return []
+        residuals = list(residuals)
+        if len(residuals) > len(self.blocks):
+            raise ValueError(
+                f"DiT got {len(residuals)} control_residuals, but it has only {len(self.blocks)} blocks; "
+                "build the ControlNet with num_blocks <= the base's depth."
+            )
+        for i, residual in enumerate(residuals):
+            if tuple(residual.shape) != shape:
+                raise ValueError(
+                    f"DiT control_residuals[{i}] has shape {tuple(residual.shape)}, expected the hidden states' "
+                    f"(B, tokens, hidden) = {shape}; was the ControlNet given a control of x_t's shape?"
+                )
+        return residuals

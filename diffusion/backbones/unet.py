@@ -271,9 +271,22 @@ class UNet(nn.Module):
             return maybe_checkpoint(self.gradient_checkpointing, layer, h, emb, tokens, mask, image_tokens)
         return layer(h)  # down/up-sampling convolutions are cheap to keep
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *, return_variance: bool = False) -> Tensor:
+    def skip_channels(self) -> list[int]:
+        """The channels of each skip (conv_in's output, then each down layer's) and, last, of the mid
+        block's output: the shapes of a ControlNet's residuals (diffusion.backbones.unet_controlnet)."""
+        channels = [self.conv_in.out_channels]
+        for layer in self.down:
+            channels.append(layer.res.out_norm.num_channels if isinstance(layer, Stage) else layer.conv.out_channels)
+        return [*channels, self.mid[-1].res.out_norm.num_channels]
+
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *, return_variance: bool = False,
+                control_residuals: Sequence[Tensor] | None = None) -> Tensor:
         """The prediction's C channels; with learn_sigma and ``return_variance=True`` all 2C
-        (prediction, then the variance channels of diffusion.variance), as DiT."""
+        (prediction, then the variance channels of diffusion.variance), as DiT.
+
+        ``control_residuals``: a ControlNet's outputs, one per skip (:meth:`skip_channels`) and last
+        the mid block's, added to the skips and to the mid block's output (diffusers'
+        down_block_additional_residuals and mid_block_additional_residual)."""
         if return_variance and not self.learn_sigma:
             raise ValueError("UNet.forward(return_variance=True) needs a model built with learn_sigma=True")
         check_input("UNet", x, t, self.in_channels, self.downsample_factor, "2 ** (number of levels - 1)")
@@ -294,6 +307,10 @@ class UNet(nn.Module):
                 skips.append(h)
             for layer in self.mid:
                 h = self._run(layer, h, emb, tokens, mask, image_tokens)
+            if control_residuals is not None:
+                self._check_residuals(control_residuals, [*skips, h])
+                skips = [s + r for s, r in zip(skips, control_residuals)]  # new tensors: h's path is left as it was
+                h = h + control_residuals[-1]
             for layer in self.up:
                 if isinstance(layer, Stage):
                     h = torch.cat([h, skips.pop()], dim=1)
@@ -302,3 +319,12 @@ class UNet(nn.Module):
         if self.learn_sigma and not return_variance:  # the prediction: the first C channels
             out = out[:, : self.in_channels]
         return out.to(x.dtype).contiguous()
+
+    def _check_residuals(self, residuals: Sequence[Tensor], targets: list[Tensor]) -> None:
+        if len(residuals) != len(targets):
+            raise ValueError(f"UNet takes {len(targets)} control residuals (one per skip and the mid block's), "
+                             f"got {len(residuals)}: a ControlNet built for another UNet?")
+        for i, (r, target) in enumerate(zip(residuals, targets)):
+            if r.shape != target.shape:
+                raise ValueError(f"UNet control residual {i} has shape {tuple(r.shape)}, its skip "
+                                 f"{tuple(target.shape)}: a ControlNet built for another UNet or input size?")

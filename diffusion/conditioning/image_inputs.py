@@ -99,7 +99,7 @@ def _conditioning_images(batch: Mapping[str, Any], key: str = "conditioning_imag
 class Control(ImageCondition):
     """A ControlNet's conditioning image as ``cond.control`` (B, K, C, H, W): K = 1 in training; a
     sampling request may give (B, K, C, H, W) for K ControlNets. The space (pixels, or the
-    autoencoder's latents) is the ControlNet's (``control_space`` of the controlled backbone)."""
+    autoencoder's latents) is the ControlNets' (``input_spaces`` of diffusion.controlnet.Controlled)."""
 
     fields, needs = ("control",), ("conditioning_image",)
 
@@ -108,10 +108,11 @@ class Control(ImageCondition):
         self.space = None if space is None else check_choice("image_condition.space", space, CONTROL_SPACES)
 
     def bind(self, backbone: nn.Module) -> None:
-        space = getattr(backbone, "control_space", None)
-        if space is None:
+        spaces = set(getattr(backbone, "input_spaces", ()))  # diffusion.controlnet.Controlled's: one space for all
+        if not spaces:
             raise ValueError("image_condition=control feeds a ControlNet, and the backbone has none: add "
                              "adapter=controlnet (it trains a ControlNet beside the frozen base)")
+        (space,) = spaces
         if self.space is not None and self.space != space:
             raise ValueError(f"image_condition.space={self.space}, but the ControlNet reads {space}; leave it null")
         self.space = space

@@ -54,6 +54,7 @@ class ImageRecord:
     size: tuple[int, int]  # (width, height), upright
     caption: str
     has_caption: bool
+    conditioning: Path | None = None  # its conditioning image file, when the folder has them
 
 
 @dataclass
@@ -220,9 +221,10 @@ class ReplacesBadImages(Dataset):
     def num_bad(self) -> int:
         return len(self.scan.bad) + int(self.decode_bad.sum())
 
-    def _readable(self, index: int, group: int, decode: Callable[[Any], Image.Image]) -> tuple[int, Image.Image] | None:
-        """``(candidate, image)``: record ``index`` decoded, or the next readable record of its group;
-        None when none of the group decodes."""
+    def _readable(self, index: int, group: int, decode: Callable[[Any], Any]) -> tuple[int, Any] | None:
+        """``(candidate, decoded)``: record ``index`` decoded, or the next readable record of its group;
+        None when none of the group decodes. ``decode`` raising for any of a sample's files (its image,
+        its conditioning image) makes the whole sample bad."""
         members, start = self.members[group], self.position[index]
         for step in range(len(members)):
             candidate = members[(start + step) % len(members)]

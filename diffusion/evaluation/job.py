@@ -154,6 +154,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     specs = suite.parse_metrics(OmegaConf.to_container(cfg.metrics, resolve=True))
     likelihoods = [s for s in specs if s.kind in suite.LIKELIHOOD]  # of real images under ckpt=: no samples
     specs = [s for s in specs if s.kind not in suite.LIKELIHOOD]
+    pixel_specs = [s for s in specs if s.kind in suite.PIXELS]  # of the samples against their controls
+    specs = [s for s in specs if s.kind not in suite.PIXELS]
     features, full = suite.needs(specs)
     from diffusion.precision import process_env
 
@@ -162,9 +164,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rank, world = init_processes(device)
     try:
         likelihood = likelihood_metrics(cfg, likelihoods, device) if likelihoods else None
-        if not specs:
+        if not specs and not pixel_specs:
             return _likelihood_only(cfg, likelihood, likelihoods, rank, world)
         source, conditions, run_config = _samples(cfg, specs)
+        if pixel_specs and not specs:
+            return _pixels_only(cfg, pixel_specs, source, rank, world)
         extractors = build_extractors(cfg, {f.split("/")[0] for f in features}, device, precision)
         fingerprints = describe_extractors(extractors)
         out = Path(cfg.out) if cfg.get("out") else _default_out(source)
@@ -183,6 +187,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             return {}
         text = _text_features(specs, extractors, conditions)
         values, notes = suite.compute(specs, samples, reference, text)
+        values.update(control_fidelity(cfg, pixel_specs, source))
         if likelihood is not None:
             values.update(likelihood[0])
         record = {
@@ -192,7 +197,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "samples": {**source.describe(), **_samples_record(source)},
             "reference": None if reference is None else reference.describe(),
             "extractors": fingerprints,
-            "metric_options": {s.name: {"kind": s.kind, "feature": s.feature, **s.params} for s in specs},
+            "metric_options": {**{s.name: {"kind": s.kind, "feature": s.feature, **s.params} for s in specs},
+                               **{s.name: {"kind": s.kind, **s.params} for s in pixel_specs}},
             "inception_score": NO_INCEPTION_SCORE,
             "world_size": world,
             "code_version": code_version(),
@@ -226,6 +232,42 @@ def _likelihood_only(cfg: DictConfig, likelihood: tuple[dict, dict], specs: list
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", record)
     print(format_table(values, next(iter(options.values()))["num_images"], None, "real images"), flush=True)
+    print(f"wrote {out / 'metrics.json'}")
+    return record
+
+
+def control_fidelity(cfg: DictConfig, specs: list[suite.MetricSpec], source: ImageSource) -> dict[str, float]:
+    """The pixel metrics (edge_f1) of the samples against their conditions: ``control=`` (a file or a
+    folder, file i % n for sample i, as the sampling job fed them), resized to the samples' size."""
+    if not specs:
+        return {}
+    from diffusion.evaluation.edges import edge_f1
+    from diffusion.sampling_inputs import control_images
+
+    if not cfg.get("control"):
+        raise ValueError(f"metrics {[s.name for s in specs]} compare each sample with its control: pass control=PATH "
+                         "(the conditioning images it was sampled with, a file or a folder)")
+    samples = source.batch(0, len(source))
+    controls = control_images(cfg.control, len(source), source.shape)
+    return {s.name: edge_f1(samples, controls, **s.params) for s in specs}
+
+
+def _pixels_only(cfg: DictConfig, specs: list[suite.MetricSpec], source: ImageSource, rank: int,
+                 world: int) -> dict[str, Any]:
+    """metrics.json of an evaluation of pixel metrics alone (edge_f1): no features, no reference."""
+    from diffusion.sampling_job import code_version, write_json
+
+    if rank != 0:
+        return {}
+    values = control_fidelity(cfg, specs, source)
+    out = Path(cfg.out) if cfg.get("out") else _default_out(source)
+    record = {"metrics": values, "warnings": [], "num_samples": len(source),
+              "samples": {**source.describe(), **_samples_record(source)}, "control": str(cfg.control),
+              "metric_options": {s.name: {"kind": s.kind, **s.params} for s in specs},
+              "world_size": world, "code_version": code_version()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", record)
+    print(format_table(values, len(source), None), flush=True)
     print(f"wrote {out / 'metrics.json'}")
     return record
 

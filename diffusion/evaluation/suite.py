@@ -21,7 +21,8 @@ from diffusion.evaluation import metrics as M
 from diffusion.evaluation.features import Features, feature_name
 from diffusion.evaluation.reference import Reference
 
-KINDS = ("frechet", "kid", "precision_recall", "clip_score", "cmmd", "likelihood")
+KINDS = ("frechet", "kid", "precision_recall", "clip_score", "cmmd", "likelihood", "edge_f1")
+PIXELS = ("edge_f1",)  # of the samples' pixels against their conditions (control=): no features, no reference
 LIKELIHOOD = ("likelihood",)  # of real images under ckpt= (diffusion.evaluation.likelihood): no samples, no features
 NEEDS_FULL = ("kid", "precision_recall", "clip_score", "cmmd")  # every sample's features, not statistics
 NEEDS_REFERENCE = ("frechet", "kid", "precision_recall", "cmmd")
@@ -49,7 +50,7 @@ def parse_metrics(cfg: Mapping[str, Mapping[str, Any]]) -> list[MetricSpec]:
     for name, option in cfg.items():
         option = dict(option)
         kind = check_choice(f"metrics.{name}.kind", option.pop("kind", None), KINDS)
-        if kind in LIKELIHOOD:
+        if kind in LIKELIHOOD or kind in PIXELS:
             specs.append(MetricSpec(name, kind, "", "", option))
             continue
         for key in ("extractor", "key"):

@@ -72,8 +72,10 @@ class SampleGrids(L.Callback):
         their labels or captions when the model takes them (cycled when the set is smaller)."""
         from torch.utils.data import default_collate
 
-        loaders = [trainer.val_dataloaders, trainer.train_dataloader]
-        dataset = next((loader.dataset for loader in loaders if loader is not None and len(loader.dataset)), None)
+        loaders = []
+        for loader in (trainer.val_dataloaders, trainer.train_dataloader):  # a list where there are none or several
+            loaders += list(loader) if isinstance(loader, (list, tuple)) else [loader] if loader is not None else []
+        dataset = next((loader.dataset for loader in loaders if len(loader.dataset)), None)
         if dataset is None:
             raise ValueError("sample grids of an image-conditioned model take their conditions from the data, and "
                              "this run has none; set model.sampling.every_n_steps=0 and callbacks to skip them")
