@@ -20,7 +20,7 @@ from diffusion.data.masks import mask_generator, random_mask
 from diffusion.samplers import PerSampleNoise
 from diffusion.sampling_job import to_uint8
 from diffusion.sampling_options import noise_seed
-from tests.conftest import FAST, compose_config
+from tests.conftest import FAST, ROOT, compose_config
 from tests.tiny_encoders import TINY_SD_UNET, tiny_sd_unet
 
 
@@ -160,6 +160,15 @@ def test_inpainting_trains_from_the_command_line_and_samples_with_image_and_mask
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             cli.sample(compose_config("sample", [f"ckpt={ckpt}", "num=2", *bad, f"out={tmp_path / 'no'}"], tmp_path))
     assert not (tmp_path / "no").exists()  # refused before the job wrote anything
+    # benchmarks/inpainting.py's judge runs on it (its figures are a trained run's: README, Benchmarks).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inpainting", ROOT / "benchmarks" / "inpainting.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    figures = bench.judge(ckpt, num=20, steps=2)
+    assert figures["accuracy_real"] > 0.9 and all(np.isfinite(v) for v in figures.values())
+    assert figures["accuracy_holed"] < figures["accuracy_real"]  # the middle rows matter
     with pytest.raises(ValueError, match="masks for each sample each epoch|draws a new mask"):
         cli.train(compose_config("train", [*FAST, "experiment=digits_inpaint", f"cache_dir={tmp_path / 'c'}"],
                                  tmp_path / "cached"))
