@@ -476,6 +476,13 @@ def test_an_ip_adapter_fine_tune_from_the_command_line_writes_diffusers_files(tm
         unprompted = model.sample(1, ["a cat"], steps=2, generator=torch.Generator().manual_seed(0),
                                   inputs={"ip_image": torch.zeros(1, 3, 64, 64)})
     assert prompted.shape == unprompted.shape and not torch.allclose(prompted, unprompted, atol=1e-4)
+    import PIL.Image
+
+    PIL.Image.fromarray(_images(44, (1, 3, 64, 64))[0]).save(tmp_path / "prompt.png")
+    npz = cli.sample(compose_config("sample", [
+        f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "num=2", "steps=2", "precision=32", "progress=false",
+        f"ip_image={tmp_path / 'prompt.png'}", f"out={tmp_path / 'samples'}"], tmp_path))
+    assert np.load(npz)["arr_0"].shape[0] == 2  # sample.py ip_image= reaches the adapter
 
 
 def _pipeline_predicts_as(backbone, base_unet: Path, directory: Path, weight_name: str) -> None:
