@@ -135,7 +135,7 @@ def test_the_fingerprint_holds_the_model_and_its_weights(tmp_path, dpt_dir):
     assert annotator_identity("canny", {}) is None and annotator_identity(None) is None
 
 
-def test_bad_depth_models_and_pose_are_clear_errors(tmp_path, dpt_dir):
+def test_bad_depth_models_and_pose_are_clear_errors(tmp_path, dpt_dir, monkeypatch):
     root = make_captioned_folder(tmp_path / "images", n=2)
     missing = tmp_path / "no_such_model"
     with pytest.raises(FileNotFoundError, match=f"model directory {missing} does not exist"):
@@ -155,6 +155,9 @@ def test_bad_depth_models_and_pose_are_clear_errors(tmp_path, dpt_dir):
     with pytest.raises(OSError, match="has no image processor"):
         depth_estimator(str(no_processor))
 
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, without retries
     with pytest.raises(OSError, match="cannot load the model 'nobody-here/no-such-depth-model'"):
         depth_estimator("nobody-here/no-such-depth-model")  # a hub id, offline: refused, not downloaded
     with pytest.raises(ValueError, match="'depth' takes no option low; its options: model"):
