@@ -166,3 +166,23 @@ def test_bad_depth_models_and_pose_are_clear_errors(tmp_path, dpt_dir, monkeypat
         ImageCaptionDataModule(root, annotator="pose")
     with pytest.raises(ValueError, match="annotator='pose' is not available"):
         annotate(_photo(), "pose")
+
+
+def test_config_takes_a_depth_model_directory_from_the_command_line(tmp_path, dpt_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.conftest import CONF
+
+    root = make_captioned_folder(tmp_path / "images", n=2)
+    overrides = ["data=image_folder", f"data.module.root={root}", "data.module.resolution=16", "data.module.batch_size=2",
+                 "data.module.num_workers=0", "data.module.annotator=depth",
+                 f"data.module.annotator_options={{model: {dpt_dir}}}"]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("train", overrides=overrides)
+    dm = instantiate(cfg.data.module)
+    assert dm.conditioning_source["weights"] == annotator_identity("depth", {"model": str(dpt_dir)})
+    dm.setup()
+    item = dm.train_set[0]
+    view = ((item["image"] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert torch.equal(item["conditioning_image"], to_tensor(annotate(Image.fromarray(view), "depth", model=str(dpt_dir))))
