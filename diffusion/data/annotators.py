@@ -24,10 +24,9 @@ from diffusion.data.depth import DEFAULT_DEPTH_MODEL, depth_estimator, depth_ide
 ANNOTATORS = ("canny", "grayscale", "low_resolution", "depth")
 WEIGHTED = ("depth",)  # annotators that load a model
 # Known annotators this codebase cannot compute, and what they would need.
-UNAVAILABLE = {"pose": "OpenPose's body (and hand/face) weights, which controlnet_aux's OpenposeDetector loads from "
-                       "lllyasviel/Annotators; this codebase has no OpenPose model",
-               "openpose": "OpenPose's body (and hand/face) weights, which controlnet_aux's OpenposeDetector loads "
-                           "from lllyasviel/Annotators; this codebase has no OpenPose model"}
+_OPENPOSE = ("OpenPose's body (and hand/face) weights, which controlnet_aux's OpenposeDetector loads from "
+             "lllyasviel/Annotators; this codebase has no OpenPose model")
+UNAVAILABLE = {"pose": _OPENPOSE, "openpose": _OPENPOSE}
 _SHIFT = 15
 _TG22 = int(0.4142135623730950488016887242097 * (1 << _SHIFT) + 0.5)  # tan(22.5 deg) in OpenCV's fixed point
 
