@@ -47,8 +47,8 @@ def test_the_annotated_images_are_rgb_of_the_images_size():
 
 def test_bad_annotator_options_are_refused():
     rgb = Image.new("RGB", (8, 8))
-    with pytest.raises(ValueError, match="annotator='depth' is not supported"):
-        annotate(rgb, "depth")
+    with pytest.raises(ValueError, match="annotator='segmentation' is not supported"):
+        annotate(rgb, "segmentation")
     with pytest.raises(ValueError, match="factor must be an integer >= 1"):
         annotate(rgb, "low_resolution", factor=0)
     with pytest.raises(ValueError, match="uint8"):

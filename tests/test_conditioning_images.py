@@ -261,8 +261,8 @@ def test_two_sources_or_bad_annotator_options_are_refused(tmp_path):
         ImageCaptionDataModule(root, conditioning_root=conditioning, annotator="canny")
     with pytest.raises(ValueError, match="conditioning_column='c', conditioning_root="):
         ImageCaptionDataModule(root, conditioning_column="c", conditioning_root=conditioning)
-    with pytest.raises(ValueError, match="annotator='depth' is not supported"):
-        ImageCaptionDataModule(root, annotator="depth")
+    with pytest.raises(ValueError, match="annotator='segmentation' is not supported"):
+        ImageCaptionDataModule(root, annotator="segmentation")
     with pytest.raises(ValueError, match="'canny' takes no option factor; its options: low, high"):
         ImageCaptionDataModule(root, annotator="canny", annotator_options={"factor": 2})
     with pytest.raises(ValueError, match="factor must be an integer"):

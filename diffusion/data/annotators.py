@@ -1,5 +1,6 @@
-"""Conditioning images computed from an image, with no weights: Canny edges (ControlNet's canny
-condition), grayscale and low resolution. Each maps a PIL RGB image to a PIL RGB image of its size.
+"""Conditioning images computed from an image: with no weights, Canny edges (ControlNet's canny
+condition), grayscale and low resolution; with a model's, depth (diffusion.data.depth: a transformers
+depth estimator, a hub id or a local directory). Each maps a PIL RGB image to a PIL RGB image of its size.
 
 ``canny`` is OpenCV's ``cv2.Canny(image, low, high)`` (aperture 3, L1 gradient), as diffusers'
 ControlNet training example calls it on RGB images, reproduced pixel for pixel in torch so that no
@@ -18,8 +19,14 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from diffusion._checks import check_choice
+from diffusion.data.depth import DEFAULT_DEPTH_MODEL, depth_estimator, depth_identity
 
-ANNOTATORS = ("canny", "grayscale", "low_resolution")
+ANNOTATORS = ("canny", "grayscale", "low_resolution", "depth")
+WEIGHTED = ("depth",)  # annotators that load a model
+# Known annotators this codebase cannot compute, and what they would need.
+_OPENPOSE = ("OpenPose's body (and hand/face) weights, which controlnet_aux's OpenposeDetector loads from "
+             "lllyasviel/Annotators; this codebase has no OpenPose model")
+UNAVAILABLE = {"pose": _OPENPOSE, "openpose": _OPENPOSE}
 _SHIFT = 15
 _TG22 = int(0.4142135623730950488016887242097 * (1 << _SHIFT) + 0.5)  # tan(22.5 deg) in OpenCV's fixed point
 
@@ -84,12 +91,26 @@ def _hysteresis(strong: Tensor, weak: Tensor) -> Tensor:
     return torch.from_numpy(np.isin(labels, seeded[seeded > 0]))
 
 
-def annotate(image: Image.Image, kind: str, low: float = 100, high: float = 200, factor: int = 8) -> Image.Image:
+def check_available(kind: str) -> str:
+    """``kind`` if it is one of ANNOTATORS; a known but unavailable one (pose) says what it needs."""
+    if kind in UNAVAILABLE:
+        raise ValueError(f"annotator={kind!r} is not available: it needs {UNAVAILABLE[kind]}. Compute the pose images "
+                         "with controlnet_aux and give them as data.module.conditioning_root (a parallel folder) or "
+                         "data.module.conditioning_column")
+    return check_choice("annotator", kind, ANNOTATORS)
+
+
+def annotate(image: Image.Image, kind: str, low: float = 100, high: float = 200, factor: int = 8,
+             model: str = DEFAULT_DEPTH_MODEL) -> Image.Image:
     """The conditioning image of ``image`` (RGB): ``canny`` (white edges on black, thresholds ``low``
-    and ``high``), ``grayscale`` (luma in all three channels) or ``low_resolution`` (``factor`` times
-    smaller by area averaging, then back to the size with bicubic: a super-resolution condition)."""
-    check_choice("annotator", kind, ANNOTATORS)
+    and ``high``), ``grayscale`` (luma in all three channels), ``low_resolution`` (``factor`` times
+    smaller by area averaging, then back to the size with bicubic: a super-resolution condition) or
+    ``depth`` (the depth map of ``model``, a hub id or a directory, as transformers' depth pipeline
+    draws it, in all three channels; the model is loaded once per process)."""
+    check_available(kind)
     rgb = image.convert("RGB")
+    if kind == "depth":
+        return depth_estimator(model)(rgb)
     if kind == "canny":
         edges = canny_edges(torch.from_numpy(np.asarray(rgb).copy()), low, high)
         return Image.fromarray(np.repeat(edges.numpy().astype(np.uint8)[..., None] * 255, 3, axis=2))
@@ -99,3 +120,11 @@ def annotate(image: Image.Image, kind: str, low: float = 100, high: float = 200,
         raise ValueError(f"low_resolution annotator: factor must be an integer >= 1, got {factor!r}")
     small = rgb.resize((max(1, rgb.width // factor), max(1, rgb.height // factor)), Image.Resampling.BOX)
     return small.resize(rgb.size, Image.Resampling.BICUBIC)
+
+
+def annotator_identity(kind: str | None, options: dict | None = None) -> dict | None:
+    """What the images of annotator ``kind`` depend on beyond its options, for fingerprints: for a
+    weighted annotator its model and the sha256 of its weights (loading it); None for the others."""
+    if kind not in WEIGHTED:
+        return None
+    return depth_identity(**{key: value for key, value in dict(options or {}).items() if key == "model"})

@@ -32,7 +32,7 @@ from diffusion._checks import check_choice
 from diffusion.data.batching import batch_sampler, epoch_of
 from diffusion.data.buckets import BucketConfig, assign_buckets, make_buckets
 from diffusion.data.splits import SplitDataModule
-from diffusion.data.annotators import annotate
+from diffusion.data.annotators import annotate, annotator_identity
 from diffusion.data.conditioning_images import (
     check_annotator,
     check_one_source,
@@ -315,8 +315,9 @@ class ImageCaptionDataModule(SplitDataModule):
 
     Conditioning images (batches gain ``conditioning_image``), from one source at most:
     ``conditioning_column`` of the metadata file, ``conditioning_root`` (with ``val_root``, also
-    ``val_conditioning_root``), or ``annotator`` (``canny``, ``grayscale``, ``low_resolution``) with
-    ``annotator_options`` (``low``/``high``: Canny's thresholds, 100/200; ``factor``: 8).
+    ``val_conditioning_root``), or ``annotator`` (``canny``, ``grayscale``, ``low_resolution``,
+    ``depth``) with ``annotator_options`` (``low``/``high``: Canny's thresholds, 100/200; ``factor``: 8;
+    ``model``: the depth estimator, a hub id or a local directory, Intel/dpt-hybrid-midas).
     """
 
     num_classes = None
@@ -370,7 +371,9 @@ class ImageCaptionDataModule(SplitDataModule):
     def conditioning_source(self) -> dict[str, Any] | None:
         """Where the conditioning images come from (None: there are none), e.g. for a cache's fingerprint."""
         if self.annotator is not None:
-            return {"annotator": self.annotator, "options": dict(sorted(self.annotator_options.items()))}
+            source = {"annotator": self.annotator, "options": dict(sorted(self.annotator_options.items()))}
+            identity = annotator_identity(self.annotator, self.annotator_options)  # a model's weights, if any
+            return {**source, "weights": identity} if identity is not None else source
         if self.scan_kwargs["conditioning_column"] is not None:
             return {"conditioning_column": self.scan_kwargs["conditioning_column"]}
         if self.conditioning_root is not None:

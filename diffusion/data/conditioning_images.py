@@ -12,7 +12,7 @@ Three sources, at most one at a time:
   view of the image, after resize, crop and flip, so that the condition is exactly
   ``annotate(image)`` at the training resolution: Canny edges one pixel wide and binary, as
   users compute them on the image they condition on at sampling (an edge map of the full-size file,
-  then resized, would be blurred and grey).
+  then resized, would be blurred and grey); a depth map normalised over the crop itself.
 
 A file's conditioning image may be of another size than its image, but not of another shape (1 %):
 it is resized to the size the image is resized to and cropped at the same offsets, so an image and
@@ -27,12 +27,11 @@ from typing import Any
 
 from PIL import Image
 
-from diffusion._checks import check_choice
-from diffusion.data.annotators import ANNOTATORS, annotate
+from diffusion.data.annotators import ANNOTATORS, WEIGHTED, annotate, annotator_identity, check_available
 from diffusion.data.images import RESAMPLE, list_images
 
 # The settings of each annotator (the keyword arguments of annotate it reads).
-ANNOTATOR_OPTIONS = {"canny": ("low", "high"), "grayscale": (), "low_resolution": ("factor",)}
+ANNOTATOR_OPTIONS = {"canny": ("low", "high"), "grayscale": (), "low_resolution": ("factor",), "depth": ("model",)}
 _KEYS = "data.module.conditioning_column, data.module.conditioning_root or data.module.annotator"
 
 
@@ -56,11 +55,14 @@ def check_annotator(annotator: str | None, options: Mapping[str, Any] | None) ->
             raise ValueError(f"data.module.annotator_options={options} are given without an annotator; "
                              f"set data.module.annotator to one of {', '.join(ANNOTATORS)}")
         return options
-    check_choice("annotator", annotator, ANNOTATORS)
+    check_available(annotator)
     if unknown := sorted(set(options) - set(ANNOTATOR_OPTIONS[annotator])):
         allowed = ", ".join(ANNOTATOR_OPTIONS[annotator]) or "none"
         raise ValueError(f"annotator {annotator!r} takes no option {', '.join(unknown)}; its options: {allowed}")
-    annotate(Image.new("RGB", (4, 4)), annotator, **options)  # raises for bad values, naming them
+    if annotator in WEIGHTED:
+        annotator_identity(annotator, options)  # loads the model once for this process: a bad one fails now
+    else:
+        annotate(Image.new("RGB", (4, 4)), annotator, **options)  # raises for bad values, naming them
     return options
 
 
