@@ -85,6 +85,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     # checkpoints: a randomly initialised base is built under the run's seed, so that it comes out the same.
     adapter = instantiate(cfg.adapter, _convert_="all") if cfg.get("adapter") is not None else None
     image_condition = controlled_condition(adapter, image_condition, autoencoder)
+    check_image_prompt(adapter, image_condition)
     with torch.random.fork_rng(devices=[], enabled=adapter is not None and not adapter.trains_base):
         if adapter is not None and not adapter.trains_base:
             torch.manual_seed(cfg.seed)
@@ -116,6 +117,22 @@ def controlled_condition(adapter: Any, image_condition: Any, autoencoder: Any) -
     if adapter.pixels_per_latent is None and autoencoder is not None:
         adapter.pixels_per_latent = autoencoder.downsample_factor
     return image_condition if image_condition is not None else Control()
+
+
+def check_image_prompt(adapter: Any, image_condition: Any) -> None:
+    """IP-Adapter and the image prompt come together: each without the other is refused here, not at the
+    first step; the adapter's embedding width is the encoder's unless it names one."""
+    from diffusion.conditioning.image_inputs import ImagePrompt
+    from diffusion.ip_adapter import IPAdapter
+
+    prompted, adapted = isinstance(image_condition, ImagePrompt), isinstance(adapter, IPAdapter)
+    if adapted and not prompted:
+        raise ValueError("adapter=ip_adapter attends to an image prompt: add image_condition=image_prompt (its image "
+                         "encoder makes the embeddings)")
+    if prompted and not adapted:
+        raise ValueError("image_condition=image_prompt feeds an IP-Adapter: add adapter=ip_adapter")
+    if adapted and adapter.image_embed_dim is None:
+        adapter.image_embed_dim = int(image_condition.encoder.embed_dim)
 
 
 def concat_kwargs(cfg: DictConfig, image_condition: Any, latent_channels: int) -> dict[str, int]:
@@ -296,6 +313,11 @@ def cache_fingerprint(cfg: DictConfig, model: DiffusionModule) -> dict[str, Any]
     data = OmegaConf.to_container(cfg.data.module, resolve=True)
     for key in ("batch_size", "num_workers"):
         data.pop(key, None)
+    if data.get("annotator"):  # an annotator with weights (depth): their hashes, not only the model's name
+        from diffusion.data.annotators import annotator_identity
+
+        if (identity := annotator_identity(data["annotator"], data.get("annotator_options"))) is not None:
+            data["annotator_weights"] = identity
     autoencoder = model.autoencoder.fingerprint() if model.autoencoder is not None else {"class": "none"}
     image_condition = model.image_condition.fingerprint() if model.image_condition is not None else None
     return {"autoencoder": autoencoder, "conditioner": model.conditioner.fingerprint(), "data": data,
@@ -387,6 +409,12 @@ def sample(cfg: DictConfig, *, out_key: str = "out", num_in_name: bool = False) 
     inputs = load_inputs(cfg, model)  # control=, image= and mask=, ip_image=
     if inputs is not None:
         args.manifest["inputs"] = inputs.manifest
+    if cfg.get("ip_scale") is not None:  # the image prompt's attention weight (1 as trained)
+        from diffusion.ip_adapter import set_ip_scale
+
+        for backbone in (model.backbone, model.ema.module):
+            set_ip_scale(backbone, cfg.ip_scale)
+        args.manifest["ip_scale"] = float(cfg.ip_scale)
     if cfg.get("control_scale") is not None:  # the ControlNets' residual scale(s), the run's without it
         from diffusion.controlnet import set_control_scale
 
@@ -482,6 +510,10 @@ def export(cfg: DictConfig) -> Path:
     save_file(weights, out / "ema.safetensors", metadata={"source": str(path)})
     if (wrapped := diffusers_model(backbone)) is not None:
         name, diffusers_module = wrapped
+        if type(model.adapter).__name__ == "IPAdapter":  # unet/ is the base; the adapter is ip_adapter.safetensors
+            from diffusion.ip_adapter import without_ip_adapter
+
+            name, diffusers_module = diffusers_model(without_ip_adapter(backbone))
         diffusers_module.save_pretrained(out / name, safe_serialization=True)
         written.append(f"{name}/")
     OmegaConf.save(OmegaConf.create(config), out / "config.yaml")

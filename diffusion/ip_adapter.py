@@ -237,9 +237,11 @@ class IPAdapter(Adapter):
     name = "ip_adapter"
     trains_base = False
 
-    def __init__(self, image_embed_dim: int, scale: float = 1.0, base: str | None = None,
+    def __init__(self, image_embed_dim: int | None = None, scale: float = 1.0, base: str | None = None,
                  base_dtype: str = "float32") -> None:
-        if not isinstance(image_embed_dim, int) or isinstance(image_embed_dim, bool) or image_embed_dim < 1:
+        # None: the image encoder's (build_module reads it off image_condition=image_prompt's encoder).
+        if image_embed_dim is not None and (not isinstance(image_embed_dim, int) or isinstance(image_embed_dim, bool)
+                                            or image_embed_dim < 1):
             raise ValueError(f"adapter.image_embed_dim={image_embed_dim!r}: give the image encoder's embedding width "
                              "(an integer, e.g. 1024 for OpenCLIP ViT-H/14)")
         if _check_base_dtype(base_dtype) != "float32":
@@ -252,6 +254,9 @@ class IPAdapter(Adapter):
         self.base_dtype = base_dtype
 
     def apply(self, backbone: nn.Module) -> nn.Module:
+        if self.image_embed_dim is None:
+            raise ValueError("adapter=ip_adapter: image_embed_dim is not set and no image encoder gave it; add "
+                             "image_condition=image_prompt (its encoder's embed_dim), or set adapter.image_embed_dim")
         kind = _kind(backbone)
         backbone.requires_grad_(False)
         if kind in ("DiT", "UNet"):

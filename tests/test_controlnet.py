@@ -313,16 +313,20 @@ def test_bad_controls_are_refused_with_what_to_give():
 
 
 def test_sampling_takes_the_control_as_an_input_and_control_scale_set_on_the_module():
-    """DiffusionModule.sample(inputs={"control": ...}) reaches the ControlNet (in both branches of guidance);
-    set_control_scale(module, 0) gives the base's samples exactly."""
-    def build(adapter):
+    """DiffusionModule.sample(inputs={"conditioning_image": ...}) reaches the ControlNet through
+    image_condition=control (in both branches of guidance); set_control_scale(module, 0) gives the base's
+    samples exactly."""
+    from diffusion.conditioning.image_inputs import Control
+
+    def build(adapter, image_condition=None):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(8)
             unet = build_unet("unet_tiny", in_channels=4, norm_groups=8)
         _perturb(unet, 108)
-        return DiffusionModule(unet, DDPM("linear", "eps"), adapter=adapter, image_shape=(4, 8, 8)).eval()
+        return DiffusionModule(unet, DDPM("linear", "eps"), adapter=adapter, image_shape=(4, 8, 8),
+                               image_condition=image_condition).eval()
 
-    controlled, frozen = build(ControlNet(pixels_per_latent=4)), build(Frozen())
+    controlled, frozen = build(ControlNet(pixels_per_latent=4), Control()), build(Frozen())
     _perturb(controlled.ema.module.controlnets[0], seed=9)
     control = _randn(2, 1, 3, 32, 32, seed=4)
 
@@ -331,11 +335,11 @@ def test_sampling_takes_the_control_as_an_input_and_control_scale_set_on_the_mod
                              **kwargs)
 
     with torch.no_grad():
-        with pytest.raises(ValueError, match="cond.control is None"):
+        with pytest.raises(ValueError, match=r"needs batch keys \['conditioning_image'\]"):
             sample(controlled)
-        acted = sample(controlled, inputs={"control": control})
+        acted = sample(controlled, inputs={"conditioning_image": control})
         assert set_control_scale(controlled, 0.0) == 2  # the backbone and its EMA copy
-        unscaled = sample(controlled, inputs={"control": control})
+        unscaled = sample(controlled, inputs={"conditioning_image": control})
         base = sample(frozen)
     assert torch.equal(unscaled, base) and not torch.allclose(acted, base, atol=1e-4)
 
