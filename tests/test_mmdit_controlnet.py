@@ -193,8 +193,9 @@ def test_a_stable_diffusion_3_controlnet_pipeline_denoiser_call_is_ours():
              latents=_randn(1, 16, 8, 8, seed=9), output_type="latent")
         kwargs, out = calls["base"]
         t = kwargs["timestep"].float() / 1000
-        ours = model(kwargs["hidden_states"], t, Conditioning(tokens=tokens, pooled=pooled,
-                                                              control=calls["control"][:, None]))
+        cond = Conditioning(tokens=tokens, pooled=pooled, control=calls["control"][:, None])
+        ours = model(kwargs["hidden_states"], t, cond)
+        assert not torch.allclose(ours, base(kwargs["hidden_states"], t, cond), atol=1e-4)  # the ControlNet acts
     torch.testing.assert_close(ours, out[0], rtol=1e-5, atol=1e-5)
 
 
@@ -224,7 +225,9 @@ def test_a_flux_controlnet_pipeline_denoiser_call_is_ours():
              latents=pack(_randn(1, 16, 8, 8, seed=9)), output_type="latent")
         kwargs, out = calls["base"]
         x, control = unpack(kwargs["hidden_states"], 8, 8), unpack(calls["control"], 8, 8)
-        ours = model(x, kwargs["timestep"].float(), Conditioning(tokens=tokens, pooled=pooled, control=control[:, None]))
+        cond = Conditioning(tokens=tokens, pooled=pooled, control=control[:, None])
+        ours = model(x, kwargs["timestep"].float(), cond)
+        assert not torch.allclose(ours, base(x, kwargs["timestep"].float(), cond), atol=1e-4)
     torch.testing.assert_close(ours, unpack(out[0], 8, 8), rtol=1e-5, atol=1e-5)
 
 
