@@ -112,7 +112,7 @@ def set_control_scale(module: nn.Module, scale: float | Sequence[float]) -> int:
 
 def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder: str | None = "controlnet",
                    conditioning_channels: int = 3, input_space: str | None = None, pixels_per_latent: int | None = None,
-                   num_blocks: int | None = None) -> nn.Module:
+                   num_blocks: int | None = None, latent_shift: float | None = None) -> nn.Module:
     """The ControlNet of ``base`` by its type, initialised from its weights (or ``pretrained``'s):
     UNet -> UNetControlNet, DiffusersUNet -> DiffusersControlNet (diffusers' ControlNetModel), DiT ->
     DiTControlNet (diffusion.backbones.dit_controlnet; ``num_blocks`` copied blocks), SD3Transformer /
@@ -124,7 +124,7 @@ def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder:
     ``pixels_per_latent``: how much larger a pixel control is than x_t (the autoencoder's factor; 1 in
     pixel space); None: the base's ``pixels_per_latent`` where it has one (DiffusersUNet: 8), else 1.
     ``pretrained``: for a DiffusersUNet a ControlNetModel's hub id or directory (``subfolder`` in it),
-    for SD3 / FLUX an SD3ControlNetModel's / FluxControlNetModel's;
+    for SD3 / FLUX an SD3ControlNetModel's / FluxControlNetModel's (``latent_shift``: see MMDiTControlNet);
     for ours a ``controlnet.safetensors`` this project wrote (adapter ControlNet.write_outputs)."""
     import inspect
 
@@ -141,7 +141,8 @@ def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder:
             raise ValueError(f"adapter.input_space={input_space!r}: diffusers' SD3 / FLUX ControlNets read the "
                              "conditioning image's latents; use input_space=latents or leave it null")
         # pixels_per_latent (the autoencoder's factor, which the command line sets) has no use: latents.
-        net = MMDiTControlNet(base, pretrained=pretrained, subfolder=subfolder, num_layers=num_blocks)
+        net = MMDiTControlNet(base, pretrained=pretrained, subfolder=subfolder, num_layers=num_blocks,
+                              latent_shift=latent_shift)
         channels = base.in_channels
         if conditioning_channels not in (3, channels):  # 3: the adapter's default, for pixels
             raise ValueError(f"adapter.conditioning_channels={conditioning_channels}: {net.name} reads latents of "

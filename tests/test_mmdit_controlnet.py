@@ -255,3 +255,30 @@ def test_a_controlnet_of_another_transformer_is_refused(tmp_path):
         ControlNet(pretrained=str(tmp_path / "controlnet")).apply(_base("sd3"))
     with pytest.raises(ValueError, match="a pretrained one.*leave them null"):
         MMDiTControlNet(_base("sd3"), pretrained=str(tmp_path / "controlnet"), num_layers=2)
+
+
+def test_an_instantx_style_sd3_controlnet_gets_what_its_pipeline_feeds_it(tmp_path):
+    """A released InstantX SD3 ControlNet (force_zeros_for_pooled_projection, diffusers' default) was trained
+    on unshifted latents z * scale and a zero pooled vector, as StableDiffusion3ControlNetPipeline feeds it:
+    ours, given our shifted latents (z - shift) * scale and latent_shift = shift * scale, equals that."""
+    from diffusers import SD3ControlNetModel
+
+    base = _base("sd3", seed=6)
+    released = SD3ControlNetModel.from_transformer(base.transformer, num_layers=2, num_extra_conditioning_channels=0)
+    assert released.config.force_zeros_for_pooled_projection
+    _perturb(released, seed=60)
+    released.save_pretrained(tmp_path / "controlnet")
+    with pytest.raises(ValueError, match="unshifted latents.*latent_shift"):
+        ControlNet(pretrained=str(tmp_path)).apply(base)
+    shift, scale = 0.0609, 1.5305  # SD3's VAE
+    model = ControlNet(pretrained=str(tmp_path), latent_shift=shift * scale, control_scale=0.9).apply(base)
+    x, t, cond = _inputs()
+    unshifted = cond.control[:, 0] + shift * scale
+    with torch.no_grad():
+        samples = released(hidden_states=x, controlnet_cond=unshifted, conditioning_scale=0.9, timestep=t * 1000,
+                           encoder_hidden_states=cond.tokens, pooled_projections=torch.zeros_like(cond.pooled),
+                           return_dict=False)[0]
+        theirs = base.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.tokens,
+                                  pooled_projections=cond.pooled, block_controlnet_hidden_states=samples,
+                                  return_dict=False)[0]
+        torch.testing.assert_close(model(x, t, cond), theirs, rtol=1e-5, atol=1e-5)

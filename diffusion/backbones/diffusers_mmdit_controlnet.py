@@ -7,7 +7,8 @@ Both read the control as the autoencoder's latents of the conditioning image (``
 "latents"``, x_t's shape), as diffusers' StableDiffusion3ControlNetPipeline and FluxControlNetPipeline
 feed them (FLUX's packed into 2x2 patches like x_t). They are called as those pipelines call them: the
 base's timestep, tokens, pooled vector (SD3: zeros for a ControlNet whose config says
-``force_zeros_for_pooled_projection``, as the pipeline does) and FLUX's position ids and guidance.
+``force_zeros_for_pooled_projection``, as the pipeline does, which also feeds it unshifted latents:
+``latent_shift``) and FLUX's position ids and guidance.
 
 The residual layout (what ``SD3Transformer.forward`` / ``FluxTransformer.forward`` take as
 ``control_residuals``; Controlled sums K ControlNets' lists elementwise, so they must share it):
@@ -48,13 +49,17 @@ class MMDiTControlNet(nn.Module):
         num_layers: a fresh ControlNet's copied (joint / double-stream) blocks; None: diffusers'
             default (SD3 12, FLUX 4), at most the base's (SD3: its blocks before the last).
         num_single_layers: a fresh FLUX ControlNet's single-stream blocks; None: 10, at most the base's.
+        latent_shift: the autoencoder's ``shift_factor * scaling_factor``, for an SD3 ControlNet whose
+            config says ``force_zeros_for_pooled_projection`` (InstantX's released ones): their pipeline
+            feeds the unshifted latents ``z * scaling_factor``, which are our ``(z - shift) * scale``
+            plus this. Required for such a ControlNet; unused otherwise (a fresh one reads our latents).
     """
 
     input_space = "latents"
 
     def __init__(self, base: SD3Transformer | FluxTransformer, pretrained: str | None = None,
                  subfolder: str | None = "controlnet", num_layers: int | None = None,
-                 num_single_layers: int | None = None) -> None:
+                 num_single_layers: int | None = None, latent_shift: float | None = None) -> None:
         super().__init__()
         from diffusers import FluxControlNetModel, SD3ControlNetModel
 
@@ -79,6 +84,13 @@ class MMDiTControlNet(nn.Module):
         self.name = f"MMDiTControlNet({self.source})"
         self._check_fits(base)
         self.base_name = base.name
+        self.latent_shift = 0.0
+        if not self.flux and self.controlnet.config.force_zeros_for_pooled_projection:
+            if latent_shift is None:
+                raise ValueError(f"{self.name} was trained on unshifted latents (force_zeros_for_pooled_projection, "
+                                 "InstantX's): give latent_shift = the VAE's shift_factor * scaling_factor "
+                                 "(adapter.latent_shift; SD3's VAE: 0.0609 * 1.5305)")
+            self.latent_shift = float(latent_shift)
         if transformer.is_gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
         # The base's input map (timestep, ids, guidance), without holding the base as a submodule.
@@ -154,6 +166,7 @@ class MMDiTControlNet(nn.Module):
         if not self.flux:
             if self.controlnet.config.force_zeros_for_pooled_projection:
                 pooled = torch.zeros_like(pooled)  # as StableDiffusion3ControlNetPipeline
+            control = control + self.latent_shift  # 0 but for those (see latent_shift)
             (samples,) = self.controlnet(hidden_states=x.to(dtype), controlnet_cond=control.to(dtype),
                                          timestep=base.timestep(t), encoder_hidden_states=tokens,
                                          pooled_projections=pooled, return_dict=False)
