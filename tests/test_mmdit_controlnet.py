@@ -282,3 +282,45 @@ def test_an_instantx_style_sd3_controlnet_gets_what_its_pipeline_feeds_it(tmp_pa
                                   pooled_projections=cond.pooled, block_controlnet_hidden_states=samples,
                                   return_dict=False)[0]
         torch.testing.assert_close(model(x, t, cond), theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_controlnet_trains_from_the_command_line_and_is_written_in_diffusers_layout(kind, tmp_path):
+    """experiment=finetune_sd3 / finetune_flux adapter=controlnet from a tiny pipeline directory, on a
+    captioned folder with Canny conditioning images: the control is the conditioning image's latents,
+    only the ControlNet moves, the end of training writes controlnet/ that diffusers' class reads, and
+    the model samples with a control."""
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+    from diffusion import cli
+    from diffusion.controlnet import Controlled
+    from tests.conftest import FAST, compose_config
+    from tests.make_captioned_folder import make_captioned_folder
+    from tests.tiny_mmdit import overrides, save_pipeline_parts
+
+    root = tmp_path / "model"
+    theirs = save_pipeline_parts(root, kind).state_dict()
+    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
+    cfg = compose_config("train", [
+        *fast, f"experiment=finetune_{kind}", *overrides(root, kind), "adapter=controlnet", "adapter.num_blocks=1",
+        f"data.module.root={images}", "data.module.resolution=64", "data.module.batch_size=2",
+        "data.module.num_workers=0", "data.module.annotator=canny", "trainer.max_steps=2",
+        "model.optim.optimizer.lr=1e-3"], tmp_path / "run")
+    metrics = cli.train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    model = cli.load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert isinstance(model.backbone, Controlled) and model.image_condition.space == "latents"
+    written = list((tmp_path / "run").rglob("controlnet/config.json"))
+    assert len(written) == 1
+    loaded = (SD3ControlNetModel if kind == "sd3" else FluxControlNetModel).from_pretrained(written[0].parent)
+    saved = loaded.state_dict()
+    ema = model.ema.module.controlnets[0].controlnet.state_dict()
+    assert saved.keys() == ema.keys() and all(torch.equal(saved[k], ema[k]) for k in saved)
+    trained = model.backbone.controlnets[0].controlnet
+    assert any(b.weight.abs().sum() > 0 for b in trained.controlnet_blocks)  # the zero outputs moved
+    base = model.backbone.base.transformer.state_dict()
+    assert base.keys() == theirs.keys() and all(torch.equal(base[k], theirs[k]) for k in theirs)  # fixed
+    control = torch.rand(2, 1, 3, 64, 64) * 2 - 1
+    samples = model.sample(2, ["a red circle", "a blue square"], steps=2, inputs={"conditioning_image": control})
+    assert samples.shape == (2, 3, 64, 64) and torch.isfinite(samples).all()
