@@ -80,10 +80,9 @@ def _reference(kind, base, nets, x, t, cond, scales):
     if len(nets) == 1:
         double, single = nets[0](controlnet_cond=pack(controls[0]), conditioning_scale=scales[0], **common)
     else:
+        modes = [torch.zeros(2)] * len(nets)  # read only by union ControlNets
         double, single = FluxMultiControlNetModel(nets)(controlnet_cond=[pack(c) for c in controls],
-                                                        controlnet_mode=[torch.zeros(2)] * len(nets),  # unused: no union
-                                                        conditioning_scale=scales,
-                                                        **common)
+                                                        controlnet_mode=modes, conditioning_scale=scales, **common)
     out = transformer(controlnet_block_samples=double, controlnet_single_block_samples=single, **common)[0]
     return unpack(out, 8, 8)
 
@@ -324,3 +323,13 @@ def test_a_controlnet_trains_from_the_command_line_and_is_written_in_diffusers_l
     control = torch.rand(2, 1, 3, 64, 64) * 2 - 1
     samples = model.sample(2, ["a red circle", "a blue square"], steps=2, inputs={"conditioning_image": control})
     assert samples.shape == (2, 3, 64, 64) and torch.isfinite(samples).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_base_may_be_bfloat16_beside_a_float32_controlnet(kind):
+    model = ControlNet(base_dtype="bfloat16", num_blocks=1).apply(_base(kind, seed=7))
+    assert model.base.transformer.dtype == torch.bfloat16 and model.controlnets[0].controlnet.dtype == torch.float32
+    x, t, cond = _inputs()
+    with torch.no_grad():
+        out = model(x, t, cond)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
