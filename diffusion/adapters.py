@@ -182,14 +182,18 @@ class ControlNet(Adapter):
     needs ``cond.control`` (B, num_controls, C, H, W), each in its ControlNet's ``input_space``.
 
     ``pretrained``: the ControlNet(s) to start from (one, or a list of num_controls, None for fresh
-    ones): a diffusers ControlNetModel's hub id or directory for a DiffusersUNet (``subfolder`` in a
-    repository), a ``controlnet.safetensors`` of this project for our UNet / DiT.
+    ones): a diffusers ControlNetModel's hub id or directory for a DiffusersUNet (an SD3ControlNetModel's /
+    FluxControlNetModel's for SD3 / FLUX; ``subfolder`` in a repository), a ``controlnet.safetensors`` of
+    this project for our UNet / DiT.
     ``input_space``: "pixels" (the conditioning image in [-1, 1]; DiffusersControlNet maps it to
     diffusers' [0, 1]) or "latents" (the autoencoder's latents of it: our UNet's option, the DiT's only
     one); null: the ControlNet's own (pixels for the UNets, latents for the DiT). Each ControlNet says
     which in its ``input_space``, ``Controlled.input_spaces`` for all.
     ``pixels_per_latent``: the autoencoder's factor (1 in pixel space); null: the base's own (8 for a
-    DiffusersUNet), else 1. ``num_blocks``: the DiT ControlNet's copied blocks (null: its default).
+    DiffusersUNet), else 1. ``num_blocks``: the DiT ControlNet's copied blocks, an SD3 / FLUX ControlNet's
+    joint / double-stream ones (null: their defaults). ``latent_shift``: the autoencoder's shift_factor x
+    scaling_factor, which a released InstantX SD3 ControlNet needs (diffusion.backbones.
+    diffusers_mmdit_controlnet); unused by the others.
     ``control_scale``: the residuals' scale, one number or one per ControlNet; set it again at sampling
     with diffusion.controlnet.set_control_scale. ``base``, ``base_dtype``: as :class:`LoRA`'s.
     """
@@ -202,6 +206,7 @@ class ControlNet(Adapter):
     input_space: str | None = None
     pixels_per_latent: int | None = None
     num_blocks: int | None = None
+    latent_shift: float | None = None
     control_scale: Any = 1.0  # float | Sequence[float]
     base: str | None = None
     base_dtype: str = "float32"
@@ -234,13 +239,15 @@ class ControlNet(Adapter):
         backbone.requires_grad_(False)
         nets = [controlnet_for(backbone, pretrained=p, subfolder=self.subfolder,
                                conditioning_channels=self.conditioning_channels, input_space=self.input_space,
-                               pixels_per_latent=self.pixels_per_latent, num_blocks=self.num_blocks)
+                               pixels_per_latent=self.pixels_per_latent, num_blocks=self.num_blocks,
+                               latent_shift=self.latent_shift)
                 for p in self.pretrained_list()]  # float32 copies of the base, before it is cast
         return Controlled(cast_base(backbone, self.base_dtype), nets, self.control_scale)
 
     def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
         """The EMA ControlNets: ``controlnet/`` (``controlnet_{k}/`` for several) in diffusers' layout, which
-        ``ControlNetModel.from_pretrained`` reads, for a DiffusersUNet; ``controlnet.safetensors``
+        ``ControlNetModel.from_pretrained`` reads, for a DiffusersUNet (SD3ControlNetModel's /
+        FluxControlNetModel's for SD3 / FLUX); ``controlnet.safetensors``
         (``controlnet_{k}.safetensors``), the state dict that ``adapter.pretrained`` reads, for ours."""
         return save_controlnets(getattr(getattr(module, "ema", None), "module", module), directory)
 

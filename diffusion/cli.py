@@ -116,6 +116,8 @@ def controlled_condition(adapter: Any, image_condition: Any, autoencoder: Any) -
                          f"{image_condition.name} asks for another condition; leave image_condition out")
     if adapter.pixels_per_latent is None and autoencoder is not None:
         adapter.pixels_per_latent = autoencoder.downsample_factor
+    if adapter.latent_shift is None and autoencoder is not None:  # released SD3 ControlNets' unshifted latents
+        adapter.latent_shift = autoencoder.shift * autoencoder.scale
     return image_condition if image_condition is not None else Control()
 
 

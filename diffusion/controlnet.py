@@ -11,8 +11,10 @@ sampling: ``set_control_scale(module, 0.5)`` sets it on every Controlled backbon
 trained backbone and its EMA copy of a DiffusionModule), or ``backbone.control_scale = [1.0, 0.5]``.
 
 :func:`controlnet_for` builds the ControlNet of a base by its type: ours for our UNet
-(diffusion.backbones.unet_controlnet), diffusers' ControlNetModel for a DiffusersUNet, and for our DiT
-the PixArt-delta ControlNet-Transformer (diffusion.backbones.dit_controlnet).
+(diffusion.backbones.unet_controlnet), diffusers' ControlNetModel for a DiffusersUNet, for our DiT
+the PixArt-delta ControlNet-Transformer (diffusion.backbones.dit_controlnet), and diffusers'
+SD3ControlNetModel / FluxControlNetModel for the wrapped SD3 / FLUX transformers
+(diffusion.backbones.diffusers_mmdit_controlnet).
 """
 
 from __future__ import annotations
@@ -110,24 +112,42 @@ def set_control_scale(module: nn.Module, scale: float | Sequence[float]) -> int:
 
 def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder: str | None = "controlnet",
                    conditioning_channels: int = 3, input_space: str | None = None, pixels_per_latent: int | None = None,
-                   num_blocks: int | None = None) -> nn.Module:
+                   num_blocks: int | None = None, latent_shift: float | None = None) -> nn.Module:
     """The ControlNet of ``base`` by its type, initialised from its weights (or ``pretrained``'s):
     UNet -> UNetControlNet, DiffusersUNet -> DiffusersControlNet (diffusers' ControlNetModel), DiT ->
-    DiTControlNet (diffusion.backbones.dit_controlnet; ``num_blocks`` copied blocks).
+    DiTControlNet (diffusion.backbones.dit_controlnet; ``num_blocks`` copied blocks), SD3Transformer /
+    FluxTransformer -> MMDiTControlNet (diffusers' SD3ControlNetModel / FluxControlNetModel, latents;
+    ``num_blocks`` its joint / double-stream blocks).
 
     ``input_space``: what the control holds, "pixels" or "latents" (our UNet reads either); None: the
     ControlNet's own (pixels for the UNets, latents for the DiT).
     ``pixels_per_latent``: how much larger a pixel control is than x_t (the autoencoder's factor; 1 in
     pixel space); None: the base's ``pixels_per_latent`` where it has one (DiffusersUNet: 8), else 1.
-    ``pretrained``: for a DiffusersUNet a ControlNetModel's hub id or directory (``subfolder`` in it);
+    ``pretrained``: for a DiffusersUNet a ControlNetModel's hub id or directory (``subfolder`` in it),
+    for SD3 / FLUX an SD3ControlNetModel's / FluxControlNetModel's (``latent_shift``: see MMDiTControlNet);
     for ours a ``controlnet.safetensors`` this project wrote (adapter ControlNet.write_outputs)."""
     import inspect
 
+    from diffusion.backbones.diffusers_mmdit import FluxTransformer, SD3Transformer
     from diffusion.backbones.diffusers_unet import DiffusersUNet
     from diffusion.backbones.dit import DiT
     from diffusion.backbones.unet import UNet
 
     factor = pixels_per_latent if pixels_per_latent is not None else getattr(base, "pixels_per_latent", 1)
+    if isinstance(base, (SD3Transformer, FluxTransformer)):
+        from diffusion.backbones.diffusers_mmdit_controlnet import MMDiTControlNet
+
+        if input_space not in (None, "latents"):
+            raise ValueError(f"adapter.input_space={input_space!r}: diffusers' SD3 / FLUX ControlNets read the "
+                             "conditioning image's latents; use input_space=latents or leave it null")
+        # pixels_per_latent (the autoencoder's factor, which the command line sets) has no use: latents.
+        net = MMDiTControlNet(base, pretrained=pretrained, subfolder=subfolder, num_layers=num_blocks,
+                              latent_shift=latent_shift)
+        channels = base.in_channels
+        if conditioning_channels not in (3, channels):  # 3: the adapter's default, for pixels
+            raise ValueError(f"adapter.conditioning_channels={conditioning_channels}: {net.name} reads latents of "
+                             f"{channels} channels; leave it at its default")
+        return net
     if isinstance(base, DiffusersUNet):
         from diffusion.backbones.diffusers_controlnet import DiffusersControlNet
 
@@ -163,8 +183,8 @@ def controlnet_for(base: nn.Module, *, pretrained: str | None = None, subfolder:
         net = DiTControlNet(base, **{k: v for k, v in given.items() if k in takes and v is not None})
     else:
         raise ValueError(f"adapter=controlnet has no ControlNet for backbone {type(base).__name__}; it takes our "
-                         "UNet (backbone=unet_*), our DiT (backbone=dit_*) and diffusers' SD UNets "
-                         "(backbone=sd15_unet, sd21_unet, sdxl_unet)")
+                         "UNet (backbone=unet_*), our DiT (backbone=dit_*), diffusers' SD UNets "
+                         "(backbone=sd15_unet, sd21_unet, sdxl_unet) and the SD3 / FLUX transformers")
     if pretrained is not None:
         load_controlnet_weights(net, pretrained)
     return net

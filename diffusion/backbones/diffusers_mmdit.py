@@ -13,7 +13,7 @@ Neither pipeline passes a padding mask, so none is passed here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -128,13 +128,17 @@ class SD3Transformer(_DiffusersTransformer):
         """SD3's timestep of our t: ``num_train_steps * t`` (float32)."""
         return t.to(torch.float32) * self.num_train_steps
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *,
+                control_residuals: Sequence[Tensor] | None = None) -> Tensor:
+        """``control_residuals``: an SD3 ControlNet's block samples (diffusion.backbones.
+        diffusers_mmdit_controlnet), passed as diffusers' ``block_controlnet_hidden_states``."""
         check_input(self.name, x, t, self.in_channels, self.downsample_factor, "the patch size")
         cond = self._check_condition(x, cond)
         dtype = self.transformer.dtype
+        residuals = None if control_residuals is None else [r.to(dtype) for r in control_residuals]
         out = self.transformer(hidden_states=x.to(dtype), timestep=self.timestep(t),
-                               encoder_hidden_states=cond.tokens.to(dtype),
-                               pooled_projections=cond.pooled.to(dtype), return_dict=False)[0]
+                               encoder_hidden_states=cond.tokens.to(dtype), pooled_projections=cond.pooled.to(dtype),
+                               block_controlnet_hidden_states=residuals, return_dict=False)[0]
         return out.to(x.dtype)
 
 
@@ -190,17 +194,30 @@ class FluxTransformer(_DiffusersTransformer):
 
         return (FluxTransformerBlock, FluxSingleTransformerBlock)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *,
+                control_residuals: Sequence[Tensor] | None = None) -> Tensor:
+        """``control_residuals``: a FLUX ControlNet's (diffusion.backbones.diffusers_mmdit_controlnet):
+        one per double-stream block, passed as diffusers' ``controlnet_block_samples``, then its
+        single-block samples, ``controlnet_single_block_samples``."""
         check_input(self.name, x, t, self.in_channels, self.downsample_factor, "FLUX's 2x2 packing")
         cond = self._check_condition(x, cond)
         dtype = self.transformer.dtype
         height, width = x.shape[-2:]
         guidance = None if self.guidance is None else torch.full_like(t, self.guidance, dtype=torch.float32)
+        double = single = None
+        if control_residuals is not None:
+            residuals = [r.to(dtype) for r in control_residuals]
+            blocks = len(self.transformer.transformer_blocks)
+            if len(residuals) < blocks:
+                raise ValueError(f"{self.name} takes one control residual per double-stream block ({blocks}), then "
+                                 f"the single-block ones; got {len(residuals)} (MMDiTControlNet gives this layout)")
+            double, single = residuals[:blocks], (residuals[blocks:] or None)
         out = self.transformer(
             hidden_states=pack(x).to(dtype), timestep=t.to(torch.float32),
             encoder_hidden_states=cond.tokens.to(dtype), pooled_projections=cond.pooled.to(dtype),
             img_ids=image_ids(height, width, x.device), txt_ids=torch.zeros(cond.tokens.shape[1], 3, device=x.device),
-            guidance=guidance, return_dict=False,
+            guidance=guidance, controlnet_block_samples=double, controlnet_single_block_samples=single,
+            return_dict=False,
         )[0]
         return unpack(out, height, width).to(x.dtype)
 
