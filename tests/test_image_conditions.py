@@ -280,3 +280,24 @@ def test_controlnet_trains_on_the_fly_and_from_the_cache_and_samples_with_contro
     moved = model.sample(2, ["a red circle"] * 2, steps=2, generator=PerSampleNoise([noise_seed(0, i) for i in range(2)]),
                          inputs={"conditioning_image": request})
     assert (moved - direct).abs().max() > 1e-3
+
+
+def test_inpainting_trains_on_a_captioned_folder_in_latent_diffusion(tmp_path):
+    """data.module.masks=true gives each image its random mask (the key of the sample asked for, at the
+    image's bucket size); image_condition=inpaint trains a text-conditioned latent model on them, with
+    the 1 + 4 extra channels of SD's inpainting layout."""
+    from hydra.utils import instantiate
+
+    from tests.make_captioned_folder import make_captioned_folder
+
+    folder = make_captioned_folder(tmp_path / "images", n=6)
+    overrides = [*FAST, "data=image_folder", f"data.module.root={folder}", "data.module.resolution=16",
+                 "data.module.batch_size=2", "data.module.masks=true", "data.module.hflip=true", "vae=tiny_sd",
+                 "conditioning=text", "text_encoder=openclip_tiny", "image_condition=inpaint", "backbone=unet_tiny"]
+    cfg = compose_config("train", overrides, tmp_path / "run")
+    dataset = instantiate(cfg.data.module).dataset("train")
+    for i in range(3):
+        torch.testing.assert_close(dataset[i]["mask"], random_mask(16, 16, mask_generator(cfg.seed, 0, i)))
+    cli.train(cfg)
+    model = cli.load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert model.backbone.concat_channels == 5

@@ -499,3 +499,38 @@ def _pipeline_predicts_as(backbone, base_unet: Path, directory: Path, weight_nam
                            added_cond_kwargs={"image_embeds": [cond.image_embeds]}).sample
         ours = backbone(x, t, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_an_ip_adapter_trains_from_a_cache_of_the_image_embeddings(tmp_path):
+    """cache.py stores each sample's image embeddings (the encoder's of its training image) beside its
+    latents and text embeddings, equal to what training computes on the fly; training reads them back.
+    The adapter's width comes from the encoder (adapter.image_embed_dim left null)."""
+    from hydra.utils import instantiate
+
+    from diffusion import cli
+    from diffusion.data.cache import CachedDataset
+    from tests.make_captioned_folder import make_captioned_folder
+    from tests.tiny_families import finetune_overrides, tiny_family
+
+    parts = tiny_family("sd15", tmp_path / "parts")
+    _encoder(seed=32).model.save_pretrained(tmp_path / "image_encoder")
+    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
+    overrides = finetune_overrides(
+        "sd15", parts, "trainer.max_steps=2", f"data.module.root={images}", "image_condition=image_prompt",
+        f"image_condition.encoder.pretrained={tmp_path / 'image_encoder'}", "image_condition.encoder.subfolder=null",
+        "adapter=ip_adapter", f"cache_dir={tmp_path / 'cache'}")
+    cfg = compose_config("train", overrides, tmp_path / "cache_run")
+    cli.cache(cfg)
+    model = cli.build_module(cfg).eval()
+    assert model.adapter.image_embed_dim == EMBED
+    cached = CachedDataset(tmp_path / "cache" / "train", cli.cache_fingerprint(cfg, model))
+    source = instantiate(cfg.data.module).dataset("train")
+    with torch.no_grad():
+        for i in range(2):
+            expected = model.image_condition.encoder(source[i]["image"][None])[0]
+            torch.testing.assert_close(cached[i]["image_embeds"].float(), expected, rtol=1e-5, atol=1e-5)
+    cli.train(compose_config("train", overrides, tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    with pytest.raises(ValueError, match="add image_condition=image_prompt"):
+        cli.build_module(compose_config("train", [o for o in overrides if not o.startswith("image_condition")],
+                                        tmp_path / "refused"))

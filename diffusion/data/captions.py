@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from diffusion._checks import check_choice
 from diffusion.data.batching import batch_sampler, epoch_of
+from diffusion.data.masks import mask_generator, random_mask
 from diffusion.data.buckets import BucketConfig, assign_buckets, make_buckets
 from diffusion.data.splits import SplitDataModule
 from diffusion.data.annotators import annotate, annotator_identity
@@ -229,8 +230,10 @@ class ImageCaptionDataset(ReplacesBadImages):
         conditioning_root: str | Path | None = None,
         annotator: str | None = None,
         annotator_options: Mapping[str, Any] | None = None,
+        masks: bool = False,
     ):
         check_one_source(conditioning_column, conditioning_root, annotator)
+        self.masks = masks  # a random inpainting mask per (seed, epoch, index): diffusion.data.masks
         if isinstance(root, FolderScan):
             if conditioning_column is not None or conditioning_root is not None:
                 raise ValueError("a FolderScan holds its conditioning files already; pass conditioning_column or "
@@ -300,6 +303,8 @@ class ImageCaptionDataset(ReplacesBadImages):
         item = {"image": image}
         if conditioning_image is not None:
             item["conditioning_image"] = conditioning_image
+        if self.masks:  # drawn for the sample asked for, like its crop: a replacement keeps the mask's key
+            item["mask"] = random_mask(*target, mask_generator(self.seed, epoch, index))
         width, height = record.size
         return {**item, "caption": record.caption, "has_caption": record.has_caption,
                 "path": str(record.path), "index": candidate,
@@ -318,6 +323,7 @@ class ImageCaptionDataModule(SplitDataModule):
     ``val_conditioning_root``), or ``annotator`` (``canny``, ``grayscale``, ``low_resolution``,
     ``depth``) with ``annotator_options`` (``low``/``high``: Canny's thresholds, 100/200; ``factor``: 8;
     ``model``: the depth estimator, a hub id or a local directory, Intel/dpt-hybrid-midas).
+    ``masks``: each item a random inpainting ``mask`` (image_condition=inpaint), new each epoch.
     """
 
     num_classes = None
@@ -342,8 +348,10 @@ class ImageCaptionDataModule(SplitDataModule):
         val_conditioning_root: str | Path | None = None,
         annotator: str | None = None,
         annotator_options: Mapping[str, Any] | None = None,
+        masks: bool = False,
     ):
         super().__init__()
+        self.masks = masks
         self.check_split(val_fraction, val_root)
         for key, folder in (("root", root), ("val_root", val_root)):
             if folder is not None and not Path(folder).is_dir():
@@ -383,7 +391,8 @@ class ImageCaptionDataModule(SplitDataModule):
     def _dataset(self, scan: FolderScan, train: bool) -> ImageCaptionDataset:
         return ImageCaptionDataset(scan, self.resolution, self.buckets, self.crop if train else "center",
                                    self.hflip and train, self.max_bad_fraction, seed=self.seed,
-                                   annotator=self.annotator, annotator_options=self.annotator_options)
+                                   annotator=self.annotator, annotator_options=self.annotator_options,
+                                   masks=self.masks)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
