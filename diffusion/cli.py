@@ -194,6 +194,8 @@ def _train(cfg: DictConfig, run: Path, held: logging.handlers.MemoryHandler) -> 
     model = build_module(cfg)
     model.run_config = resolved
     check_adapter_cacheable(cfg, model)
+    if datamodule is not None:
+        check_image_condition_data(model, datamodule)
     if datamodule is None:  # read the shards instead of running the encoders
         datamodule = CachedDataModule(cfg.cache_dir, cfg.data.module.batch_size, cache_fingerprint(cfg, model),
                                       num_workers=cfg.data.module.get("num_workers", 0), seed=cfg.seed)
@@ -293,6 +295,20 @@ def check_data_cacheable(cfg: DictConfig) -> None:
     refusal = getattr(get_class(target), "cache_refusal", None) if target else None
     if refusal:
         raise ValueError(refusal)
+
+
+def check_image_condition_data(model: DiffusionModule, datamodule: Any) -> None:
+    """The data gives what the image condition reads (a conditioning image, a mask), checked on its
+    first training item before the run starts; a cache's fields are checked by its fingerprint."""
+    condition = model.image_condition
+    dataset = datamodule.dataset("train") if condition is not None and hasattr(datamodule, "dataset") else None
+    if dataset is None or not len(dataset):
+        return
+    item = dataset[0]
+    missing = [key for key in condition.needs if key not in item]
+    if missing and not all(name in item for name in condition.fields):
+        raise ValueError(f"image_condition={condition.name} reads {list(condition.needs)} of each sample, and the data "
+                         f"({type(datamodule).__name__}) gives no {missing}: {condition.hint}")
 
 
 def check_adapter_cacheable(cfg: DictConfig, model: DiffusionModule) -> None:

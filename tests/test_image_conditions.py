@@ -301,3 +301,15 @@ def test_inpainting_trains_on_a_captioned_folder_in_latent_diffusion(tmp_path):
     cli.train(cfg)
     model = cli.load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert model.backbone.concat_channels == 5
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["adapter=controlnet"], r"reads \['conditioning_image'\] of each sample, and the data \(DigitsDataModule\)"),
+    (["image_condition=inpaint"], r"gives no \['mask'\]: train on data with masks \(data.module.masks=true\)"),
+    (["image_condition=control"], "image_condition=control feeds a ControlNet: add adapter=controlnet"),
+    (["adapter=controlnet", "image_condition=inpaint", "data.module.masks=true"], "leave image_condition out"),
+])
+def test_an_image_condition_the_data_cannot_feed_is_refused_before_the_run(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        cli.train(compose_config("train", [*FAST, *overrides], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

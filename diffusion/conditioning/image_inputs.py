@@ -82,7 +82,8 @@ class ImageCondition(nn.Module, ABC):
 
     @property
     def hint(self) -> str:
-        return "give the data conditioning images (data.module.conditioning_column, conditioning_root or annotator)"
+        return ("train on images with conditioning images: data=image_folder with data.module.conditioning_column, "
+                "conditioning_root or annotator (canny, grayscale, low_resolution, depth)")
 
     def fingerprint(self) -> dict[str, Any]:
         return {"class": type(self).__name__}
