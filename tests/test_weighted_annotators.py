@@ -2,7 +2,7 @@
 (tiny random DPT and Depth Anything saved with save_pretrained), equal to transformers'
 ``pipeline("depth-estimation")`` and to a hand computation; the image-folder data annotating the
 training crop; the weights in the fingerprint; clear errors for a missing directory, a model that
-is no depth estimator, a missing processor and pose. Nothing downloads (the network is refused)."""
+is no depth estimator, a missing processor and OpenPose (tests/test_pose_annotator.py: pose). Nothing downloads (the network is refused)."""
 
 from __future__ import annotations
 
@@ -162,10 +162,10 @@ def test_bad_depth_models_and_pose_are_clear_errors(tmp_path, dpt_dir, monkeypat
         depth_estimator("nobody-here/no-such-depth-model")  # a hub id, offline: refused, not downloaded
     with pytest.raises(ValueError, match="'depth' takes no option low; its options: model"):
         ImageCaptionDataModule(root, annotator="depth", annotator_options={"low": 1})
-    with pytest.raises(ValueError, match="annotator='pose' is not available: it needs OpenPose.*controlnet_aux"):
-        ImageCaptionDataModule(root, annotator="pose")
-    with pytest.raises(ValueError, match="annotator='pose' is not available"):
-        annotate(_photo(), "pose")
+    with pytest.raises(ValueError, match="annotator='openpose' is not available: it needs OpenPose.*annotator=pose"):
+        ImageCaptionDataModule(root, annotator="openpose")
+    with pytest.raises(ValueError, match="annotator='openpose' is not available"):
+        annotate(_photo(), "openpose")
 
 
 def test_config_takes_a_depth_model_directory_from_the_command_line(tmp_path, dpt_dir):

@@ -1,6 +1,7 @@
 """Conditioning images computed from an image: with no weights, Canny edges (ControlNet's canny
-condition), grayscale and low resolution; with a model's, depth (diffusion.data.depth: a transformers
-depth estimator, a hub id or a local directory). Each maps a PIL RGB image to a PIL RGB image of its size.
+condition), grayscale and low resolution; with a model's (a hub id or a local directory), depth
+(diffusion.data.depth: a transformers depth estimator) and pose (diffusion.data.pose: ViTPose's COCO
+keypoints drawn as an OpenPose skeleton). Each maps a PIL RGB image to a PIL RGB image of its size.
 
 ``canny`` is OpenCV's ``cv2.Canny(image, low, high)`` (aperture 3, L1 gradient), as diffusers'
 ControlNet training example calls it on RGB images, reproduced pixel for pixel in torch so that no
@@ -20,13 +21,16 @@ from torch.nn import functional as F
 
 from diffusion._checks import check_choice
 from diffusion.data.depth import DEFAULT_DEPTH_MODEL, depth_estimator, depth_identity
+from diffusion.data.pose import DEFAULT_POSE_MODEL, DEFAULT_THRESHOLD, pose_estimator, pose_identity
 
-ANNOTATORS = ("canny", "grayscale", "low_resolution", "depth")
-WEIGHTED = ("depth",)  # annotators that load a model
+ANNOTATORS = ("canny", "grayscale", "low_resolution", "depth", "pose")
+WEIGHTED = ("depth", "pose")  # annotators that load a model
+DEFAULT_MODELS = {"depth": DEFAULT_DEPTH_MODEL, "pose": DEFAULT_POSE_MODEL}
 # Known annotators this codebase cannot compute, and what they would need.
 _OPENPOSE = ("OpenPose's body (and hand/face) weights, which controlnet_aux's OpenposeDetector loads from "
-             "lllyasviel/Annotators; this codebase has no OpenPose model")
-UNAVAILABLE = {"pose": _OPENPOSE, "openpose": _OPENPOSE}
+             "lllyasviel/Annotators; this codebase draws OpenPose-style skeletons from ViTPose instead: "
+             "annotator=pose")
+UNAVAILABLE = {"openpose": _OPENPOSE}
 _SHIFT = 15
 _TG22 = int(0.4142135623730950488016887242097 * (1 << _SHIFT) + 0.5)  # tan(22.5 deg) in OpenCV's fixed point
 
@@ -92,25 +96,29 @@ def _hysteresis(strong: Tensor, weak: Tensor) -> Tensor:
 
 
 def check_available(kind: str) -> str:
-    """``kind`` if it is one of ANNOTATORS; a known but unavailable one (pose) says what it needs."""
+    """``kind`` if it is one of ANNOTATORS; a known but unavailable one (openpose) says what it needs."""
     if kind in UNAVAILABLE:
-        raise ValueError(f"annotator={kind!r} is not available: it needs {UNAVAILABLE[kind]}. Compute the pose images "
+        raise ValueError(f"annotator={kind!r} is not available: it needs {UNAVAILABLE[kind]}; or compute the images "
                          "with controlnet_aux and give them as data.module.conditioning_root (a parallel folder) or "
                          "data.module.conditioning_column")
     return check_choice("annotator", kind, ANNOTATORS)
 
 
 def annotate(image: Image.Image, kind: str, low: float = 100, high: float = 200, factor: int = 8,
-             model: str = DEFAULT_DEPTH_MODEL) -> Image.Image:
+             model: str | None = None, threshold: float = DEFAULT_THRESHOLD) -> Image.Image:
     """The conditioning image of ``image`` (RGB): ``canny`` (white edges on black, thresholds ``low``
     and ``high``), ``grayscale`` (luma in all three channels), ``low_resolution`` (``factor`` times
     smaller by area averaging, then back to the size with bicubic: a super-resolution condition) or
     ``depth`` (the depth map of ``model``, a hub id or a directory, as transformers' depth pipeline
-    draws it, in all three channels; the model is loaded once per process)."""
+    draws it, in all three channels) or ``pose`` (the OpenPose-style skeleton of the person ViTPose
+    ``model`` finds in the whole image, keypoints scoring below ``threshold`` left out). A weighted
+    annotator's model (default: DEFAULT_MODELS) is loaded once per process."""
     check_available(kind)
     rgb = image.convert("RGB")
     if kind == "depth":
-        return depth_estimator(model)(rgb)
+        return depth_estimator(DEFAULT_DEPTH_MODEL if model is None else model)(rgb)
+    if kind == "pose":
+        return pose_estimator(DEFAULT_POSE_MODEL if model is None else model)(rgb, threshold)
     if kind == "canny":
         edges = canny_edges(torch.from_numpy(np.asarray(rgb).copy()), low, high)
         return Image.fromarray(np.repeat(edges.numpy().astype(np.uint8)[..., None] * 255, 3, axis=2))
@@ -127,4 +135,5 @@ def annotator_identity(kind: str | None, options: dict | None = None) -> dict | 
     weighted annotator its model and the sha256 of its weights (loading it); None for the others."""
     if kind not in WEIGHTED:
         return None
-    return depth_identity(**{key: value for key, value in dict(options or {}).items() if key == "model"})
+    model = dict(options or {}).get("model", DEFAULT_MODELS[kind])
+    return (depth_identity if kind == "depth" else pose_identity)(model)

@@ -12,7 +12,8 @@ Three sources, at most one at a time:
   view of the image, after resize, crop and flip, so that the condition is exactly
   ``annotate(image)`` at the training resolution: Canny edges one pixel wide and binary, as
   users compute them on the image they condition on at sampling (an edge map of the full-size file,
-  then resized, would be blurred and grey); a depth map normalised over the crop itself.
+  then resized, would be blurred and grey); a depth map normalised over the crop itself; the pose
+  skeleton of the person ViTPose finds in the whole crop (its box).
 
 A file's conditioning image may be of another size than its image, but not of another shape (1 %):
 it is resized to the size the image is resized to and cropped at the same offsets, so an image and
@@ -29,9 +30,11 @@ from PIL import Image
 
 from diffusion.data.annotators import ANNOTATORS, WEIGHTED, annotate, annotator_identity, check_available
 from diffusion.data.images import RESAMPLE, list_images
+from diffusion.data.pose import DEFAULT_THRESHOLD, check_threshold
 
 # The settings of each annotator (the keyword arguments of annotate it reads).
-ANNOTATOR_OPTIONS = {"canny": ("low", "high"), "grayscale": (), "low_resolution": ("factor",), "depth": ("model",)}
+ANNOTATOR_OPTIONS = {"canny": ("low", "high"), "grayscale": (), "low_resolution": ("factor",), "depth": ("model",),
+                     "pose": ("model", "threshold")}
 _KEYS = "data.module.conditioning_column, data.module.conditioning_root or data.module.annotator"
 
 
@@ -61,7 +64,9 @@ def check_annotator(annotator: str | None, options: Mapping[str, Any] | None) ->
         raise ValueError(f"annotator {annotator!r} takes no option {', '.join(unknown)}; its options: {allowed}")
     if annotator in WEIGHTED:
         annotator_identity(annotator, options)  # loads the model once for this process: a bad one fails now
-    else:
+    if annotator == "pose":
+        check_threshold(options.get("threshold", DEFAULT_THRESHOLD))
+    elif annotator not in WEIGHTED:
         annotate(Image.new("RGB", (4, 4)), annotator, **options)  # raises for bad values, naming them
     return options
 

@@ -33,6 +33,23 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/nam
 _LOADED: dict[str, "DepthEstimator"] = {}  # one estimator per model and process
 
 
+def model_location(model: str, annotator: str, holding: str) -> str:
+    """Where transformers loads ``model`` from: a local directory, else a hub id; a path that is no
+    directory (and no hub id) is an error naming the ``annotator`` option and what it should hold."""
+    local = Path(model).expanduser()
+    if not local.is_dir() and (local.exists() or not _HUB_ID.match(model)):
+        raise FileNotFoundError(f"{annotator} annotator: model directory {model} does not exist (or is not a "
+                                "directory); set data.module.annotator_options.model to a hub id or to a directory "
+                                f"holding {holding} and its image processor (save_pretrained)")
+    return str(local) if local.is_dir() else model
+
+
+def process_key(model: str) -> str:
+    """The key of a model in a process's table of loaded ones: a directory however written, or the id."""
+    local = Path(str(model)).expanduser()
+    return str(local.resolve()) if local.is_dir() else str(model)
+
+
 class DepthEstimator:
     """``model``: a hub id or a local directory holding a depth model and its image processor (as
     ``save_pretrained`` writes them). Calling it maps a PIL image to its RGB depth map, of its size."""
@@ -42,12 +59,7 @@ class DepthEstimator:
         from transformers.models.auto.modeling_auto import MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES
 
         self.name = model = str(model)
-        local = Path(model).expanduser()
-        if not local.is_dir() and (local.exists() or not _HUB_ID.match(model)):
-            raise FileNotFoundError(f"depth annotator: model directory {model} does not exist (or is not a directory); "
-                                    "set data.module.annotator_options.model to a hub id or to a directory holding a "
-                                    "depth model and its image processor (save_pretrained)")
-        where = str(local) if local.is_dir() else model
+        where = model_location(model, "depth", "a depth model")
         try:
             config = transformers.AutoConfig.from_pretrained(where)
         except OSError as e:
@@ -89,8 +101,7 @@ class DepthEstimator:
 
 def depth_estimator(model: str = DEFAULT_DEPTH_MODEL) -> DepthEstimator:
     """The process's estimator of ``model``, loaded at the first call."""
-    local = Path(str(model)).expanduser()
-    key = str(local.resolve()) if local.is_dir() else str(model)
+    key = process_key(model)
     if key not in _LOADED:
         _LOADED[key] = DepthEstimator(model)
     return _LOADED[key]
