@@ -162,3 +162,24 @@ def test_bad_pose_models_and_options_are_clear_errors(tmp_path, vitpose_dir, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, without retries
     with pytest.raises(OSError, match="cannot load the model 'nobody-here/no-such-pose-model'"):
         pose_estimator("nobody-here/no-such-pose-model")  # a hub id, offline: refused, not downloaded
+
+
+def test_config_takes_a_pose_model_directory_and_threshold_from_the_command_line(tmp_path, vitpose_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.conftest import CONF
+
+    root = make_captioned_folder(tmp_path / "images", n=2)
+    overrides = ["data=image_folder", f"data.module.root={root}", "data.module.resolution=16", "data.module.batch_size=2",
+                 "data.module.num_workers=0", "data.module.annotator=pose",
+                 f"data.module.annotator_options={{model: {vitpose_dir}, threshold: 0.25}}"]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("train", overrides=overrides)
+    dm = instantiate(cfg.data.module)
+    assert dm.conditioning_source["weights"] == annotator_identity("pose", {"model": str(vitpose_dir)})
+    dm.setup()
+    item = dm.train_set[0]
+    view = ((item["image"] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    expected = annotate(Image.fromarray(view), "pose", model=str(vitpose_dir), threshold=0.25)
+    assert torch.equal(item["conditioning_image"], to_tensor(expected))
