@@ -56,7 +56,7 @@ def _kind(backbone: nn.Module) -> str:
     kind = type(backbone).__name__
     if kind not in KINDS:
         raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, "
-                         f"sdxl_unet), the wrapped FLUX transformer (backbone=flux_dev, flux_schnell) or our DiT or "
+                         f"sdxl_unet), the wrapped FLUX transformer (backbone=flux_transformer) or our DiT or "
                          f"UNet with text cross-attention, not {kind}")
     return kind
 

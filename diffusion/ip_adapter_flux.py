@@ -30,8 +30,8 @@ NUM_TOKENS = 4
 def transformer_of(backbone: nn.Module) -> nn.Module:
     transformer = getattr(backbone, "transformer", None)
     if type(backbone).__name__ != "FluxTransformer" or transformer is None:
-        raise ValueError(f"{type(backbone).__name__} is not the wrapped FLUX transformer (backbone=flux_dev, "
-                         "flux_schnell)")
+        raise ValueError(f"{type(backbone).__name__} is not the wrapped FLUX transformer "
+                         "(backbone=flux_transformer)")
     return transformer
 
 
