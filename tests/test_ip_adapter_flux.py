@@ -185,3 +185,59 @@ def test_the_refusals(base):
     with pytest.raises(ValueError, match="takes a wrapped diffusers UNet.*FLUX transformer.*not SD3Transformer"):
         IPAdapter(image_embed_dim=EMBED).apply(sd3)
     assert TINY_FLUX["num_layers"] == 1  # FLUX above overrides it to 2
+
+
+def test_a_flux_ip_adapter_fine_tune_from_the_command_line_writes_what_a_flux_pipeline_loads(tmp_path):
+    """experiment=finetune_flux image_condition=image_prompt adapter=ip_adapter on a tiny FLUX pipeline
+    directory: two steps train the adapter alone; the run and export.py write ip_adapter.safetensors, which
+    a FluxTransformer2DModel of the base loads and then predicts as the EMA backbone."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffusion import cli
+    from tests.conftest import FAST, compose_config
+    from tests.make_captioned_folder import make_captioned_folder
+    from tests.test_ip_adapter import _encoder
+    from tests.tiny_mmdit import overrides, save_pipeline_parts
+
+    root = tmp_path / "model"
+    save_pipeline_parts(root, "flux")
+    _encoder(seed=32).model.save_pretrained(tmp_path / "image_encoder")
+    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
+    run = tmp_path / "run"
+    cli.train(compose_config("train", [
+        *fast, "experiment=finetune_flux", *overrides(root, "flux"), f"data.module.root={images}",
+        "data.module.resolution=64", "data.module.batch_size=2", "data.module.num_workers=0", "trainer.max_steps=2",
+        "model.optim.optimizer.lr=1e-2", "model.ema_decay=0.5", "image_condition=image_prompt",
+        f"image_condition.encoder.pretrained={tmp_path / 'image_encoder'}", "image_condition.encoder.subfolder=null",
+        "adapter=ip_adapter"], run))
+    model = cli.load_module(run / "checkpoints" / "last.ckpt")
+    backbone = model.ema.module
+    assert isinstance(backbone, FluxTransformer)
+    assert any(p.abs().sum() for n, p in backbone.named_parameters() if "to_v_ip" in n)  # trained off zero
+    export = cli.export(compose_config("export", [f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+                                                  f"out={tmp_path / 'export'}"], tmp_path))
+    from safetensors.torch import load_file
+
+    exported = load_file(next((tmp_path / "export" / "transformer").glob("*.safetensors")))
+    assert exported.keys() == FluxTransformer2DModel.from_pretrained(root / "transformer").state_dict().keys()
+    x, t, _ = _inputs()
+    tokens, pooled = _randn(2, 5, 32, seed=1), _randn(2, 32, seed=2)
+    cond = Conditioning(tokens=tokens, pooled=pooled, image_embeds=_randn(2, 1, EMBED, seed=3))
+    for directory in (run, export):
+        theirs = FluxTransformer2DModel.from_pretrained(root / "transformer")
+        pipe = FluxPipeline(transformer=theirs, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+        pipe.load_ip_adapter(str(directory), weight_name=WEIGHT_NAMES[0],
+                             image_encoder_pretrained_model_name_or_path=None)
+        with torch.no_grad():
+            expected = theirs(hidden_states=pack(x), timestep=t, guidance=torch.full_like(t, 3.5),
+                              encoder_hidden_states=tokens, pooled_projections=pooled, img_ids=image_ids(8, 8),
+                              txt_ids=torch.zeros(5, 3), return_dict=False,
+                              joint_attention_kwargs={"ip_adapter_image_embeds": [cond.image_embeds]})[0]
+            torch.testing.assert_close(backbone(x, t, cond), unpack(expected, 8, 8), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # sampling takes the image prompt (another image: other samples)
+        prompted, unprompted = (model.sample(1, ["a cat"], steps=2, generator=torch.Generator().manual_seed(0),
+                                             inputs={"ip_image": image}) for image in
+                                (torch.rand(1, 3, 64, 64) * 2 - 1, torch.zeros(1, 3, 64, 64)))
+    assert torch.isfinite(prompted).all() and (prompted - unprompted).abs().max() > 1e-4
