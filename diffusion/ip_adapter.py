@@ -249,9 +249,9 @@ def set_ip_scale(backbone: nn.Module, scale: float) -> None:
 
 def is_ip_parameter(name: str) -> bool:
     """Whether a backbone parameter is the IP-Adapter's: the image projection or a new key/value map
-    (a DiffusersUNet's to_k_ip / to_v_ip, a DiT's ip_kv)."""
-    return (name.startswith(("unet.encoder_hid_proj.", "transformer.encoder_hid_proj.", "image_projection.")) or ".to_k_ip." in name
-            or ".to_v_ip." in name or ".ip_kv." in name)
+    (a DiffusersUNet's or FluxTransformer's to_k_ip / to_v_ip, a DiT's ip_kv)."""
+    projections = ("unet.encoder_hid_proj.", "transformer.encoder_hid_proj.", "image_projection.")
+    return name.startswith(projections) or ".to_k_ip." in name or ".to_v_ip." in name or ".ip_kv." in name
 
 
 class IPAdapter(Adapter):
