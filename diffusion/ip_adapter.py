@@ -13,6 +13,9 @@ put in place by the UNet's loader from a state dict in the layout of a released 
 ({"image_proj": {"proj.weight", ...}, "ip_adapter": {"1.to_k_ip.weight", ...}}), so that what
 trains here is what ``pipeline.load_ip_adapter`` builds from the file :func:`save_ip_adapter` writes.
 
+The wrapped FLUX transformer takes XLabs' layout through diffusers' FLUX loader (diffusion.ip_adapter_flux:
+the double-stream blocks' image attention, its maps trained from zero).
+
 Our DiT and UNet take the same adapter (each cross-attention's ``ip_kv`` from its ``kv``,
 diffusion.backbones.layers.Attention, and an :class:`ImageProjection` of their own to the width the
 cross-attentions read); their checkpoints hold it, there being no other program's layout to write.
@@ -38,7 +41,7 @@ NUM_TOKENS = 4
 WEIGHT_NAMES = ("ip_adapter.safetensors", "ip_adapter.bin")
 
 
-KINDS = ("DiffusersUNet", "DiT", "UNet")
+KINDS = ("DiffusersUNet", "FluxTransformer", "DiT", "UNet")
 
 
 def _unet(backbone: nn.Module) -> nn.Module:
@@ -53,7 +56,8 @@ def _kind(backbone: nn.Module) -> str:
     kind = type(backbone).__name__
     if kind not in KINDS:
         raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, "
-                         f"sdxl_unet) or our DiT or UNet with text cross-attention, not {kind}")
+                         f"sdxl_unet), the wrapped FLUX transformer (backbone=flux_transformer) or our DiT or "
+                         f"UNet with text cross-attention, not {kind}")
     return kind
 
 
@@ -139,11 +143,18 @@ def ip_adapter_state_dict(unet: nn.Module) -> dict[str, dict[str, Tensor]]:
 
 def save_ip_adapter(backbone: nn.Module, directory: str | Path) -> list[Path]:
     """``ip_adapter.safetensors`` (keys ``image_proj.*`` and ``ip_adapter.*``) and ``ip_adapter.bin`` (the
-    nested dict, as h94/IP-Adapter's ``.bin`` files) of a DiffusersUNet's IP-Adapter; diffusers reads
-    either with ``pipeline.load_ip_adapter(directory, subfolder="", weight_name=...)``."""
+    nested dict, as h94/IP-Adapter's ``.bin`` files) of a DiffusersUNet's or a FluxTransformer's
+    IP-Adapter (diffusion.ip_adapter_flux: XLabs' layout); diffusers reads either with
+    ``pipeline.load_ip_adapter(directory, subfolder="", weight_name=...)`` (a FluxPipeline's with
+    ``image_encoder_pretrained_model_name_or_path=None`` when the pipeline has its image encoder)."""
     from safetensors.torch import save_file
 
-    state = ip_adapter_state_dict(_unet(backbone))
+    if type(backbone).__name__ == "FluxTransformer":
+        from diffusion import ip_adapter_flux
+
+        state = ip_adapter_flux.ip_adapter_state_dict(ip_adapter_flux.transformer_of(backbone))
+    else:
+        state = ip_adapter_state_dict(_unet(backbone))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     flat = {f"{part}.{key}": value for part, values in state.items() for key, value in values.items()}
@@ -160,6 +171,14 @@ def without_ip_adapter(backbone: nn.Module) -> nn.Module:
 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    if type(backbone).__name__ == "FluxTransformer":
+        from diffusion import ip_adapter_flux
+
+        if not ip_adapter_flux.has_ip_adapter(ip_adapter_flux.transformer_of(backbone)):
+            raise ValueError("the FLUX transformer carries no IP-Adapter (adapter=ip_adapter)")
+        model = copy.deepcopy(backbone)
+        ip_adapter_flux.remove_ip_adapter(model.transformer)
+        return model
     unet = _unet(backbone)
     if not has_ip_adapter(unet):
         raise ValueError("the UNet carries no IP-Adapter (adapter=ip_adapter)")
@@ -200,6 +219,10 @@ def add_our_ip_adapter(backbone: nn.Module, embed_dim: int) -> None:
 def has_any_ip_adapter(backbone: nn.Module) -> bool:
     if type(backbone).__name__ in ("DiT", "UNet"):
         return getattr(backbone, "image_projection", None) is not None
+    if type(backbone).__name__ == "FluxTransformer":
+        from diffusion.ip_adapter_flux import has_ip_adapter as flux_has_ip_adapter
+
+        return flux_has_ip_adapter(backbone.transformer)
     return type(backbone).__name__ == "DiffusersUNet" and has_ip_adapter(backbone.unet)
 
 
@@ -215,15 +238,20 @@ def set_ip_scale(backbone: nn.Module, scale: float) -> None:
         for attn in _our_cross_attentions(backbone):
             attn.ip_scale = float(scale)
         return
+    if type(backbone).__name__ == "FluxTransformer":
+        from diffusion.ip_adapter_flux import set_ip_scale as flux_set_ip_scale
+
+        flux_set_ip_scale(backbone.transformer, scale)
+        return
     for _, proc in cross_attention_processors(backbone.unet):
         proc.scale = [float(scale)] * len(proc.scale)
 
 
 def is_ip_parameter(name: str) -> bool:
     """Whether a backbone parameter is the IP-Adapter's: the image projection or a new key/value map
-    (a DiffusersUNet's to_k_ip / to_v_ip, a DiT's ip_kv)."""
-    return (name.startswith(("unet.encoder_hid_proj.", "image_projection.")) or ".to_k_ip." in name
-            or ".to_v_ip." in name or ".ip_kv." in name)
+    (a DiffusersUNet's or FluxTransformer's to_k_ip / to_v_ip, a DiT's ip_kv)."""
+    projections = ("unet.encoder_hid_proj.", "transformer.encoder_hid_proj.", "image_projection.")
+    return name.startswith(projections) or ".to_k_ip." in name or ".to_v_ip." in name or ".ip_kv." in name
 
 
 class IPAdapter(Adapter):
@@ -232,7 +260,8 @@ class IPAdapter(Adapter):
     the image encoder's embeddings (its ``embed_dim``: 1024 for IP-Adapter SD 1.5's OpenCLIP ViT-H/14).
     ``scale``: the image attention's weight the backbone starts with (1 as trained; sampling may set
     another with :func:`set_ip_scale`). ``base``: as adapter=lora's. The end of training and export.py
-    write :data:`WEIGHT_NAMES` (diffusers' layout) from the EMA backbone of a DiffusersUNet."""
+    write :data:`WEIGHT_NAMES` (diffusers' layout) from the EMA backbone of a DiffusersUNet or a
+    FluxTransformer."""
 
     name = "ip_adapter"
     trains_base = False
@@ -261,6 +290,10 @@ class IPAdapter(Adapter):
         backbone.requires_grad_(False)
         if kind in ("DiT", "UNet"):
             add_our_ip_adapter(backbone, self.image_embed_dim)
+        elif kind == "FluxTransformer":
+            from diffusion import ip_adapter_flux
+
+            ip_adapter_flux.add_ip_adapter(ip_adapter_flux.transformer_of(backbone), self.image_embed_dim)
         else:
             add_ip_adapter(_unet(backbone), self.image_embed_dim)
         for name, param in backbone.named_parameters():
@@ -269,6 +302,6 @@ class IPAdapter(Adapter):
         return backbone
 
     def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
-        if type(module.ema.module).__name__ != "DiffusersUNet":
+        if type(module.ema.module).__name__ not in ("DiffusersUNet", "FluxTransformer"):
             return []  # our DiT's and UNet's adapters live in their checkpoints only
         return save_ip_adapter(module.ema.module, directory)

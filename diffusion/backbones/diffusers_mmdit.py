@@ -9,6 +9,10 @@ Time: SD3 takes the timestep ``1000 t`` (the scheduler's ``sigma * 1000``); FLUX
 ``encoder_hidden_states`` (SD3: CLIP-L/G penultimate states padded to T5's width, then T5's tokens;
 FLUX: T5's), ``cond.pooled`` as ``pooled_projections`` (SD3: CLIP-L and CLIP-G pooled; FLUX: CLIP-L's).
 Neither pipeline passes a padding mask, so none is passed here.
+
+With an IP-Adapter (adapter=ip_adapter, diffusion.ip_adapter_flux) FLUX also takes ``cond.image_embeds``
+(B, N, D), N image prompts' embeddings (zeros: none), passed as FluxPipeline passes them
+(``joint_attention_kwargs["ip_adapter_image_embeds"]``, a list of one tensor: one IP-Adapter).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.backbones.diffusers_unet import _plain, _subfolder
-from diffusion.backbones.layers import check_input
+from diffusion.backbones.layers import check_image_embeds, check_input
 from diffusion.conditioning.types import Conditioning
 
 
@@ -212,12 +216,17 @@ class FluxTransformer(_DiffusersTransformer):
                 raise ValueError(f"{self.name} takes one control residual per double-stream block ({blocks}), then "
                                  f"the single-block ones; got {len(residuals)} (MMDiTControlNet gives this layout)")
             double, single = residuals[:blocks], (residuals[blocks:] or None)
+        from diffusion.ip_adapter_flux import image_embed_dim
+
+        ip = check_image_embeds(self.name, cond, image_embed_dim(self.transformer))
+        # A fresh dict each call: the transformer pops the embeddings out of it.
+        joint = None if ip is None else {"ip_adapter_image_embeds": [ip.to(dtype)]}
         out = self.transformer(
             hidden_states=pack(x).to(dtype), timestep=t.to(torch.float32),
             encoder_hidden_states=cond.tokens.to(dtype), pooled_projections=cond.pooled.to(dtype),
             img_ids=image_ids(height, width, x.device), txt_ids=torch.zeros(cond.tokens.shape[1], 3, device=x.device),
             guidance=guidance, controlnet_block_samples=double, controlnet_single_block_samples=single,
-            return_dict=False,
+            joint_attention_kwargs=joint, return_dict=False,
         )[0]
         return unpack(out, height, width).to(x.dtype)
 
