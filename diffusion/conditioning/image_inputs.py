@@ -83,7 +83,7 @@ class ImageCondition(nn.Module, ABC):
     @property
     def hint(self) -> str:
         return ("train on images with conditioning images: data=image_folder with data.module.conditioning_column, "
-                "conditioning_root or annotator (canny, grayscale, low_resolution, depth)")
+                "conditioning_root or annotator (canny, grayscale, low_resolution, depth, pose)")
 
     def fingerprint(self) -> dict[str, Any]:
         return {"class": type(self).__name__}
