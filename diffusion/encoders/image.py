@@ -8,6 +8,10 @@ encoder with): the shortest side resized to ``size`` (bicubic, antialiased, its 
 passes clamped to the pixel range as the processor's 8-bit resize clamps them), a centre crop of
 ``crop_size``, and CLIP's mean and std; on an 8-bit image it equals the processor's up to the
 rounding to 8 bits after resizing.
+
+``OpenCLIPImageEncoder`` is open_clip's image tower: ``model.encode_image`` (the projected pooled state,
+unnormalised, as CLIPVisionModelWithProjection's ``image_embeds``), preprocessed as open_clip's own
+evaluation transform (torchvision's shortest-side ``Resize``, ``CenterCrop``, the model's mean and std).
 """
 
 from __future__ import annotations
@@ -97,23 +101,19 @@ class CLIPImageEncoder(FrozenModule):
         if not images.is_floating_point():
             raise ValueError(f"{type(self).__name__} expects float images in [-1, 1], got dtype {images.dtype} "
                              "(uint8 pixels: divide by 127.5 and subtract 1)")
-        x = (images.float() + 1) / 2
-        h, w = x.shape[-2:]
-        # The shortest side to `size`, the longest truncated as the processor truncates it.
-        new = (self.size, int(self.size * w / h)) if h <= w else (int(self.size * h / w), self.size)
-        # As the processor's 8-bit resize (PIL's, and torchvision's on uint8): the width pass, then the height
-        # pass, each result clamped to the pixel range (it stores 8-bit pixels between the passes).
-        for shape in ((h, new[1]), new):
-            x = F.interpolate(x, size=shape, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        top, left = int((new[0] - self.crop_size) / 2.0), int((new[1] - self.crop_size) / 2.0)
+        x = _resize_shortest((images.float() + 1) / 2, self.size, "bicubic")
+        top, left = (int((n - self.crop_size) / 2.0) for n in x.shape[-2:])
         x = x[..., top:top + self.crop_size, left:left + self.crop_size]
         return (x - self.mean) / self.std
 
     def forward(self, images: Tensor) -> Tensor:
         with torch.no_grad():
             pixels = self.preprocess(images.to(self.device))
-            embeds = self.model(pixel_values=pixels.to(self.dtype)).image_embeds
+            embeds = self._embed(pixels.to(self.dtype))
         return embeds.float().unsqueeze(1)
+
+    def _embed(self, pixels: Tensor) -> Tensor:
+        return self.model(pixel_values=pixels).image_embeds
 
     def null_embeds(self, batch_size: int = 1) -> Tensor:
         """The null image prompt: zero embeddings (B, 1, embed_dim), as diffusers' pipelines take for the
@@ -132,3 +132,92 @@ class CLIPImageEncoder(FrozenModule):
             "embed_dim": str(self.embed_dim),
             "num_tokens": str(self.num_tokens),
         }
+
+
+class OpenCLIPImageEncoder(CLIPImageEncoder):
+    """forward(images (B, 3, H, W) in [-1, 1]) -> ``model.encode_image`` (B, 1, embed_dim), float32.
+
+    The image tower alone is kept (the text tower is dropped after loading). Preprocessing follows the
+    model's ``preprocess_cfg`` (its size, mean, std and interpolation), as open_clip's evaluation
+    transform on a PIL image: on an 8-bit image it equals it up to the rounding to 8 bits after resizing.
+
+    Args:
+        model_name: an open_clip model name ("ViT-H-14"), or "hf-hub:org/repo" (then ``pretrained`` None).
+        pretrained: a pretrained tag of ``model_name`` ("laion2b_s32b_b79k"), a local checkpoint file,
+            or None (the hf-hub form; random weights with ``model_config``).
+        model_config: an open_clip model config (embed_dim, vision_cfg, text_cfg), registered under a
+            name of its content (as OpenCLIPTextEncoder's), for a custom or tiny random model (tests).
+        dtype: what the frozen weights are stored in; the embeddings come out float32.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = None,
+        model_config: Mapping[str, Any] | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        FrozenModule.__init__(self)
+        import open_clip
+
+        from diffusion.encoders.openclip import _register
+
+        check_choice("image_encoder.dtype", dtype, tuple(DTYPES))
+        name = model_name if model_config is None else _register(model_name, model_config, "OpenCLIPImageEncoder")
+        model = open_clip.create_model(name, pretrained=pretrained)
+        visual = getattr(model, "visual", None)
+        if visual is None or not isinstance(getattr(visual, "output_dim", None), int):
+            raise ValueError(f"OpenCLIPImageEncoder expects an open_clip model with an image tower (.visual with "
+                             f"output_dim), got {model_name!r} ({type(model).__name__})")
+        cfg = dict(open_clip.get_model_preprocess_cfg(model))
+        size = cfg.get("size", visual.image_size)
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        resize_mode, interpolation = cfg.get("resize_mode") or "shortest", cfg.get("interpolation") or "bicubic"
+        if size[0] != size[1] or resize_mode != "shortest" or interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"OpenCLIPImageEncoder supports square inputs resized by their shortest side, bicubic "
+                             f"or bilinear; {model_name!r} preprocesses with size={size}, resize_mode={resize_mode!r}, "
+                             f"interpolation={interpolation!r}")
+        self.model = visual.to(DTYPES[dtype])  # encode_image is visual(pixels), unnormalised
+        self.size = self.crop_size = int(size[0])
+        self.interpolation = interpolation
+        self.embed_dim = int(visual.output_dim)
+        if model_config is None:
+            self.source = model_name if pretrained is None else f"{model_name}:{pretrained}"
+        else:
+            self.source = "config" if pretrained is None else f"config:{pretrained}"
+        mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._freeze()
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """open_clip's evaluation transform of images in [-1, 1]: (B, 3, size, size), float32."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W) in [-1, 1], got "
+                             f"{tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects float images in [-1, 1], got dtype {images.dtype} "
+                             "(uint8 pixels: divide by 127.5 and subtract 1)")
+        x = _resize_shortest((images.float() + 1) / 2, self.size, self.interpolation)
+        # torchvision's CenterCrop rounds the offsets (CLIPImageProcessor truncates them).
+        top, left = (int(round((n - self.crop_size) / 2.0)) for n in x.shape[-2:])
+        x = x[..., top:top + self.crop_size, left:left + self.crop_size]
+        return (x - self.mean) / self.std
+
+    def _embed(self, pixels: Tensor) -> Tensor:
+        return self.model(pixels)
+
+    def fingerprint(self) -> dict[str, str]:
+        return {**super().fingerprint(), "interpolation": self.interpolation}
+
+
+def _resize_shortest(x: Tensor, size: int, mode: str) -> Tensor:
+    """x (B, 3, H, W) in [0, 1] with its shortest side resized to ``size``, the longest truncated as
+    torchvision's ``Resize(size)`` and CLIPImageProcessor truncate it. As their 8-bit resize (PIL's,
+    and torchvision's on uint8): the width pass, then the height pass, each result clamped to the pixel
+    range (they store 8-bit pixels between the passes)."""
+    h, w = x.shape[-2:]
+    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    for shape in ((h, new[1]), new):
+        x = F.interpolate(x, size=shape, mode=mode, antialias=True, align_corners=False).clamp(0, 1)
+    return x

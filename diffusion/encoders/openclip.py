@@ -149,7 +149,7 @@ class OpenCLIPTextEncoder(TextEncoder):
         return {k: v if batch_first else v.transpose(0, 1) for k, v in states.items()}
 
 
-def _register(model_name: str, model_config: Mapping[str, Any]) -> str:
+def _register(model_name: str, model_config: Mapping[str, Any], owner: str = "OpenCLIPTextEncoder") -> str:
     """Register `model_config` with open_clip under a name unique to its content, so it never replaces
     a built-in config (e.g. the real "ViT-H-14") in open_clip's global registry; return that name."""
     import open_clip
@@ -159,7 +159,7 @@ def _register(model_name: str, model_config: Mapping[str, Any]) -> str:
     missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(cfg)
     if missing:
         raise ValueError(
-            f"OpenCLIPTextEncoder: model_config expects keys embed_dim, vision_cfg, text_cfg; missing {sorted(missing)}."
+            f"{owner}: model_config expects keys embed_dim, vision_cfg, text_cfg; missing {sorted(missing)}."
         )
     text = json.dumps(cfg, sort_keys=True)
     name = f"{model_name}-custom-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
