@@ -125,19 +125,21 @@ def test_the_refusals():
 
 
 def test_the_image_prompt_feeds_our_dits_ip_adapter_from_the_command_line(tmp_path):
-    """image_condition=image_prompt_openclip with a tiny encoder: a 2-step train of our DiT (tokens of a
-    tiny OpenCLIP text tower) with an IP-Adapter of the encoder's width; only the adapter trains."""
+    """image_condition=image_prompt_openclip with a tiny encoder: a 2-step IP-Adapter train on a DiT (tokens of
+    a tiny OpenCLIP text tower) trained 2 steps before (a new DiT's zero gates would pass no gradient); the
+    adapter is of the encoder's width, it alone trains, and its image maps move off their text copies."""
     from diffusion import cli
     from diffusion.ip_adapter import is_ip_parameter
     from tests.make_captioned_folder import make_captioned_folder
 
     folder = make_captioned_folder(tmp_path / "images", n=4, sizes=[(20, 16)])
+    common = [*FAST, "trainer.max_steps=2", "data=image_folder", f"data.module.root={folder}",
+              "data.module.resolution=16", "data.module.batch_size=2", "conditioning=text",
+              "text_encoder=openclip_tiny", "model.optim.optimizer.lr=1e-2", "model.ema_decay=0.5"]
+    cli.train(compose_config("train", common, tmp_path / "base"))
     encoder = [f"image_condition.encoder.{k}={v}" for k, v in (("model_name", "tiny"), ("pretrained", "null"))]
-    cfg = compose_config("train", [
-        *FAST, "trainer.max_steps=2", "data=image_folder", f"data.module.root={folder}", "data.module.resolution=16",
-        "data.module.batch_size=2", "conditioning=text", "text_encoder=openclip_tiny",
-        "image_condition=image_prompt_openclip", *encoder, "adapter=ip_adapter", "model.optim.optimizer.lr=1e-2"],
-        tmp_path / "run")
+    cfg = compose_config("train", [*common, "image_condition=image_prompt_openclip", *encoder, "adapter=ip_adapter",
+                                   f"adapter.base={tmp_path / 'base' / 'checkpoints' / 'last.ckpt'}"], tmp_path / "run")
     cfg.image_condition.encoder.model_config = TINY
     cli.train(cfg)
     model = cli.load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
@@ -145,4 +147,6 @@ def test_the_image_prompt_feeds_our_dits_ip_adapter_from_the_command_line(tmp_pa
     assert type(model.image_condition.encoder).__name__ == "OpenCLIPImageEncoder"
     trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(is_ip_parameter(n) for n in trainable), sorted(trainable)[:5]
-    assert any(".ip_kv." in n for n in trainable)  # the DiT's cross-attention gained its image maps
+    params = dict(model.backbone.named_parameters())
+    ip_kv = [n for n in trainable if ".ip_kv.weight" in n]  # the DiT's cross-attentions' image maps, from kv
+    assert ip_kv and all(not torch.equal(params[n], params[n.replace(".ip_kv.", ".kv.")]) for n in ip_kv)
