@@ -31,6 +31,8 @@ from diffusion.runs import (
 )
 from diffusion.training.module import DiffusionModule
 
+log = logging.getLogger(__name__)
+
 # The EMA copy is kept in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
@@ -95,9 +97,20 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         from diffusion.adapters import load_base
 
         load_base(backbone, adapter, read_checkpoint)
+    elif adapter is not None and adapter.name in ("controlnet", "ip_adapter") and _outputs_zero(backbone):
+        # Their additions reach the output through the base's own zero-initialised layers (LoRA may adapt those).
+        log.warning("adapter=%s fixes a freshly initialised %s, whose zero-initialised output layer stays zero: the "
+                    "model's output is 0 whatever the adapter learns. Adapt a trained base: adapter.base=CKPT (a "
+                    "checkpoint of this project) or a pretrained backbone", adapter.name, type(backbone).__name__)
     return instantiate(cfg.model, backbone=backbone, conditioner=conditioner, autoencoder=autoencoder,
                        image_shape=(channels, height, width), adapter=adapter, image_condition=image_condition,
                        _convert_="object")
+
+
+def _outputs_zero(backbone: Any) -> bool:
+    """Our DiT's or UNet's last layer as initialised (zero): a base no fixed-base adapter can move."""
+    layer = {"DiT": lambda m: m.final_layer.linear, "UNet": lambda m: m.out[-1]}.get(type(backbone).__name__)
+    return layer is not None and not bool(layer(backbone).weight.detach().any())
 
 
 def controlled_condition(adapter: Any, image_condition: Any, autoencoder: Any) -> Any:
