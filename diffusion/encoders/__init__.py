@@ -3,8 +3,8 @@ frozen image encoders: images -> image-prompt embeddings (B, N, D) (IP-Adapter).
 
 from diffusion.encoders.base import TextEncoder
 from diffusion.encoders.hf import HFTextEncoder
-from diffusion.encoders.image import CLIPImageEncoder
+from diffusion.encoders.image import CLIPImageEncoder, SiglipImageEncoder
 from diffusion.encoders.joint import JointTextEncoder
 from diffusion.encoders.openclip import OpenCLIPTextEncoder
 
-__all__ = ["CLIPImageEncoder", "HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]
+__all__ = ["CLIPImageEncoder", "SiglipImageEncoder", "HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]
