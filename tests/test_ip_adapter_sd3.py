@@ -230,3 +230,60 @@ def test_the_refusals(base):
         SiglipImageEncoder(config=SIGLIP)
     with pytest.raises(ValueError, match="penultimate"):
         SiglipImageEncoder(pretrained=None, config={**SIGLIP, "num_hidden_layers": 1})
+
+
+def test_an_sd3_ip_adapter_fine_tune_from_the_command_line_writes_what_an_sd3_pipeline_loads(tmp_path):
+    """experiment=finetune_sd3 image_condition=image_prompt_siglip adapter=ip_adapter on a tiny SD3 pipeline
+    directory: two steps train the adapter alone; export.py writes ip_adapter.safetensors and a plain
+    transformer/, which diffusers' SD3 loader puts together into what predicts as the EMA backbone."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from diffusion import cli
+    from tests.conftest import FAST, compose_config
+    from tests.make_captioned_folder import make_captioned_folder
+    from tests.tiny_mmdit import overrides, save_pipeline_parts
+
+    root = tmp_path / "model"
+    save_pipeline_parts(root, "sd3")
+    SiglipImageEncoder(pretrained=None, config=SIGLIP).model.save_pretrained(tmp_path / "siglip")
+    images = make_captioned_folder(tmp_path / "images", n=4, sizes=[(64, 64)], layout="csv")
+    fast = [o for o in FAST if not o.startswith(("backbone", "data.module.batch_size"))]
+    run = tmp_path / "run"
+    resampler = ",".join(f"{k}:{v}" for k, v in RESAMPLER.items())
+    cli.train(compose_config("train", [
+        *fast, "experiment=finetune_sd3", *overrides(root, "sd3"), f"data.module.root={images}",
+        "data.module.resolution=64", "data.module.batch_size=2", "data.module.num_workers=0", "trainer.max_steps=2",
+        "model.optim.optimizer.lr=1e-2", "model.ema_decay=0.5", "image_condition=image_prompt_siglip",
+        f"image_condition.encoder.pretrained={tmp_path / 'siglip'}", "adapter=ip_adapter",
+        f"adapter.resampler={{{resampler}}}"], run))
+    model = cli.load_module(run / "checkpoints" / "last.ckpt")
+    backbone = model.ema.module
+    assert isinstance(backbone, SD3Transformer)
+    from diffusion.ip_adapter import is_ip_parameter
+
+    trained = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trained and all(is_ip_parameter(n) for n in trained)
+    assert isinstance(model.image_condition.encoder, SiglipImageEncoder)
+    cli.export(compose_config("export", [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'export'}"],
+                              tmp_path))
+    exported = load_file(next((tmp_path / "export" / "transformer").glob("*.safetensors")))
+    assert exported.keys() == SD3Transformer2DModel.from_pretrained(root / "transformer").state_dict().keys()
+    theirs = SD3Transformer2DModel.from_pretrained(tmp_path / "export" / "transformer")
+    pipe = StableDiffusion3Pipeline(transformer=theirs, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.load_ip_adapter(str(tmp_path / "export"), weight_name=WEIGHT_NAMES[0], image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(1.0)
+    x, t = _randn(2, 16, 8, 8, seed=1), torch.tensor([0.3, 0.8])
+    cond = Conditioning(tokens=_randn(2, 5, 64, seed=2), pooled=_randn(2, 32, seed=3),
+                        image_embeds=_randn(2, PATCHES, EMBED, seed=4))
+    with torch.no_grad():
+        expected = theirs(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.tokens,
+                          pooled_projections=cond.pooled, return_dict=False,
+                          joint_attention_kwargs={"ip_adapter_image_embeds": cond.image_embeds})[0]
+        torch.testing.assert_close(backbone(x, t, cond), expected, rtol=1e-5, atol=1e-5)
+        prompted, unprompted = (model.sample(1, ["a cat"], steps=2, generator=torch.Generator().manual_seed(0),
+                                             inputs={"ip_image": image}) for image in
+                                (torch.rand(1, 3, 64, 64) * 2 - 1, torch.zeros(1, 3, 64, 64)))
+    assert torch.isfinite(prompted).all() and (prompted - unprompted).abs().max() > 1e-4
