@@ -60,7 +60,8 @@ def _kind(backbone: nn.Module) -> str:
     kind = type(backbone).__name__
     if kind not in KINDS:
         raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, "
-                         f"sdxl_unet), the wrapped FLUX or SD3 transformer (backbone=flux_transformer, sd3_transformer) "
+                         f"sdxl_unet), the wrapped FLUX or SD3 transformer (backbone=flux_transformer, "
+                         f"sd3_transformer) "
                          f"or our DiT or "
                          f"UNet with text cross-attention, not {kind}")
     return kind
@@ -148,10 +149,11 @@ def ip_adapter_state_dict(unet: nn.Module) -> dict[str, dict[str, Tensor]]:
 
 def save_ip_adapter(backbone: nn.Module, directory: str | Path) -> list[Path]:
     """``ip_adapter.safetensors`` (keys ``image_proj.*`` and ``ip_adapter.*``) and ``ip_adapter.bin`` (the
-    nested dict, as h94/IP-Adapter's ``.bin`` files) of a DiffusersUNet's or a FluxTransformer's
-    IP-Adapter (diffusion.ip_adapter_flux: XLabs' layout); diffusers reads either with
-    ``pipeline.load_ip_adapter(directory, subfolder="", weight_name=...)`` (a FluxPipeline's with
-    ``image_encoder_pretrained_model_name_or_path=None`` when the pipeline has its image encoder)."""
+    nested dict, as h94/IP-Adapter's ``.bin`` files) of a DiffusersUNet's, a FluxTransformer's
+    (diffusion.ip_adapter_flux: XLabs' layout) or an SD3Transformer's IP-Adapter (diffusion.ip_adapter_sd3:
+    InstantX's); diffusers reads either with ``pipeline.load_ip_adapter(directory, subfolder="",
+    weight_name=...)`` (a FluxPipeline's with ``image_encoder_pretrained_model_name_or_path=None``, a
+    StableDiffusion3Pipeline's with ``image_encoder_folder=None``, when the pipeline has its image encoder)."""
     from safetensors.torch import save_file
 
     mmdit = _mmdit(backbone)
@@ -169,8 +171,9 @@ def save_ip_adapter(backbone: nn.Module, directory: str | Path) -> list[Path]:
 
 
 def without_ip_adapter(backbone: nn.Module) -> nn.Module:
-    """A copy of a DiffusersUNet with its IP-Adapter taken out: the base UNet (its state_dict has the keys
-    of one built without it), e.g. for a pipeline's ``unet/`` next to ``ip_adapter.safetensors``."""
+    """A copy of a DiffusersUNet (or FluxTransformer, SD3Transformer) with its IP-Adapter taken out: the
+    base (its state_dict has the keys of one built without it), e.g. for a pipeline's ``unet/`` or
+    ``transformer/`` next to ``ip_adapter.safetensors``."""
     import copy
 
     from diffusers.models.attention_processor import AttnProcessor2_0

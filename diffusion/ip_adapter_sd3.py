@@ -85,7 +85,8 @@ def initial_state_dict(transformer: nn.Module, embed_dim: int, hidden_dim: int =
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"adapter.{name}={value!r}: SD3's IP-Adapter resampler needs a positive integer")
     if timestep_in_dim % 2:
-        raise ValueError(f"adapter.resampler.timestep_in_dim={timestep_in_dim}: the sinusoidal embedding needs an even width")
+        raise ValueError(f"adapter.resampler.timestep_in_dim={timestep_in_dim}: the sinusoidal timestep embedding "
+                         "needs an even width")
     inner = int(transformer.config.attention_head_dim) * int(transformer.config.num_attention_heads)
     # diffusers' loader builds 4 blocks with heads of 64 (it reads heads off to_q's rows / 64).
     resampler = IPAdapterTimeImageProjection(embed_dim=embed_dim, output_dim=inner, hidden_dim=hidden_dim,

@@ -78,7 +78,8 @@ def base() -> SD3Transformer:
 def test_the_encoder_is_siglip_image_processor_then_the_penultimate_hidden_states(shape, tmp_path):
     """Our preprocessing equals SiglipImageProcessor's (torchvision's and PIL's) on 8-bit images up to about
     one 8-bit level (they round to 8 bits after resizing, and between its two passes: a few pixels of an
-    image upscaled one way and downscaled the other come out a hair over one level); the embeddings are SiglipVisionModel's
+    image upscaled one way and downscaled the other come out a hair over one level); the embeddings are
+    SiglipVisionModel's
     hidden_states[-2] of those pixels (StableDiffusion3Pipeline.encode_image), all patches."""
     import PIL.Image
 

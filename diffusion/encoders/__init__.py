@@ -7,4 +7,5 @@ from diffusion.encoders.image import CLIPImageEncoder, SiglipImageEncoder
 from diffusion.encoders.joint import JointTextEncoder
 from diffusion.encoders.openclip import OpenCLIPTextEncoder
 
-__all__ = ["CLIPImageEncoder", "SiglipImageEncoder", "HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "TextEncoder"]
+__all__ = ["CLIPImageEncoder", "HFTextEncoder", "JointTextEncoder", "OpenCLIPTextEncoder", "SiglipImageEncoder",
+           "TextEncoder"]
