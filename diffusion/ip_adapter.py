@@ -14,7 +14,9 @@ put in place by the UNet's loader from a state dict in the layout of a released 
 trains here is what ``pipeline.load_ip_adapter`` builds from the file :func:`save_ip_adapter` writes.
 
 The wrapped FLUX transformer takes XLabs' layout through diffusers' FLUX loader (diffusion.ip_adapter_flux:
-the double-stream blocks' image attention, its maps trained from zero).
+the double-stream blocks' image attention, its maps trained from zero); the wrapped SD3 transformer InstantX's
+SD3.5-Large layout through diffusers' SD3 loader (diffusion.ip_adapter_sd3: SigLIP's patch states through a
+timestep-conditioned resampler, every joint attention's image branch).
 
 Our DiT and UNet take the same adapter (each cross-attention's ``ip_kv`` from its ``kv``,
 diffusion.backbones.layers.Attention, and an :class:`ImageProjection` of their own to the width the
@@ -41,7 +43,9 @@ NUM_TOKENS = 4
 WEIGHT_NAMES = ("ip_adapter.safetensors", "ip_adapter.bin")
 
 
-KINDS = ("DiffusersUNet", "FluxTransformer", "DiT", "UNet")
+KINDS = ("DiffusersUNet", "FluxTransformer", "SD3Transformer", "DiT", "UNet")
+#: The wrapped transformers whose IP-Adapter lives in a module of its own: kind -> that module's name.
+_MMDIT = {"FluxTransformer": "diffusion.ip_adapter_flux", "SD3Transformer": "diffusion.ip_adapter_sd3"}
 
 
 def _unet(backbone: nn.Module) -> nn.Module:
@@ -56,7 +60,9 @@ def _kind(backbone: nn.Module) -> str:
     kind = type(backbone).__name__
     if kind not in KINDS:
         raise ValueError(f"adapter=ip_adapter takes a wrapped diffusers UNet (backbone=sd15_unet, sd21_unet, "
-                         f"sdxl_unet), the wrapped FLUX transformer (backbone=flux_transformer) or our DiT or "
+                         f"sdxl_unet), the wrapped FLUX or SD3 transformer (backbone=flux_transformer, "
+                         f"sd3_transformer) "
+                         f"or our DiT or "
                          f"UNet with text cross-attention, not {kind}")
     return kind
 
@@ -143,16 +149,16 @@ def ip_adapter_state_dict(unet: nn.Module) -> dict[str, dict[str, Tensor]]:
 
 def save_ip_adapter(backbone: nn.Module, directory: str | Path) -> list[Path]:
     """``ip_adapter.safetensors`` (keys ``image_proj.*`` and ``ip_adapter.*``) and ``ip_adapter.bin`` (the
-    nested dict, as h94/IP-Adapter's ``.bin`` files) of a DiffusersUNet's or a FluxTransformer's
-    IP-Adapter (diffusion.ip_adapter_flux: XLabs' layout); diffusers reads either with
-    ``pipeline.load_ip_adapter(directory, subfolder="", weight_name=...)`` (a FluxPipeline's with
-    ``image_encoder_pretrained_model_name_or_path=None`` when the pipeline has its image encoder)."""
+    nested dict, as h94/IP-Adapter's ``.bin`` files) of a DiffusersUNet's, a FluxTransformer's
+    (diffusion.ip_adapter_flux: XLabs' layout) or an SD3Transformer's IP-Adapter (diffusion.ip_adapter_sd3:
+    InstantX's); diffusers reads either with ``pipeline.load_ip_adapter(directory, subfolder="",
+    weight_name=...)`` (a FluxPipeline's with ``image_encoder_pretrained_model_name_or_path=None``, a
+    StableDiffusion3Pipeline's with ``image_encoder_folder=None``, when the pipeline has its image encoder)."""
     from safetensors.torch import save_file
 
-    if type(backbone).__name__ == "FluxTransformer":
-        from diffusion import ip_adapter_flux
-
-        state = ip_adapter_flux.ip_adapter_state_dict(ip_adapter_flux.transformer_of(backbone))
+    mmdit = _mmdit(backbone)
+    if mmdit is not None:
+        state = mmdit.ip_adapter_state_dict(mmdit.transformer_of(backbone))
     else:
         state = ip_adapter_state_dict(_unet(backbone))
     directory = Path(directory)
@@ -165,19 +171,19 @@ def save_ip_adapter(backbone: nn.Module, directory: str | Path) -> list[Path]:
 
 
 def without_ip_adapter(backbone: nn.Module) -> nn.Module:
-    """A copy of a DiffusersUNet with its IP-Adapter taken out: the base UNet (its state_dict has the keys
-    of one built without it), e.g. for a pipeline's ``unet/`` next to ``ip_adapter.safetensors``."""
+    """A copy of a DiffusersUNet (or FluxTransformer, SD3Transformer) with its IP-Adapter taken out: the
+    base (its state_dict has the keys of one built without it), e.g. for a pipeline's ``unet/`` or
+    ``transformer/`` next to ``ip_adapter.safetensors``."""
     import copy
 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    if type(backbone).__name__ == "FluxTransformer":
-        from diffusion import ip_adapter_flux
-
-        if not ip_adapter_flux.has_ip_adapter(ip_adapter_flux.transformer_of(backbone)):
-            raise ValueError("the FLUX transformer carries no IP-Adapter (adapter=ip_adapter)")
+    mmdit = _mmdit(backbone)
+    if mmdit is not None:
+        if not mmdit.has_ip_adapter(mmdit.transformer_of(backbone)):
+            raise ValueError(f"the {backbone.family} transformer carries no IP-Adapter (adapter=ip_adapter)")
         model = copy.deepcopy(backbone)
-        ip_adapter_flux.remove_ip_adapter(model.transformer)
+        mmdit.remove_ip_adapter(model.transformer)
         return model
     unet = _unet(backbone)
     if not has_ip_adapter(unet):
@@ -187,6 +193,14 @@ def without_ip_adapter(backbone: nn.Module) -> nn.Module:
     model.unet.config.encoder_hid_dim_type = None
     model.unet.set_attn_processor(AttnProcessor2_0())  # what a UNet is built with
     return model
+
+
+def _mmdit(backbone: nn.Module):
+    """The IP-Adapter module of a wrapped FLUX / SD3 transformer (diffusion.ip_adapter_flux / _sd3); None otherwise."""
+    import importlib
+
+    name = _MMDIT.get(type(backbone).__name__)
+    return None if name is None else importlib.import_module(name)
 
 
 def _our_cross_attentions(backbone: nn.Module) -> list[nn.Module]:
@@ -219,10 +233,9 @@ def add_our_ip_adapter(backbone: nn.Module, embed_dim: int) -> None:
 def has_any_ip_adapter(backbone: nn.Module) -> bool:
     if type(backbone).__name__ in ("DiT", "UNet"):
         return getattr(backbone, "image_projection", None) is not None
-    if type(backbone).__name__ == "FluxTransformer":
-        from diffusion.ip_adapter_flux import has_ip_adapter as flux_has_ip_adapter
-
-        return flux_has_ip_adapter(backbone.transformer)
+    mmdit = _mmdit(backbone)
+    if mmdit is not None:
+        return mmdit.has_ip_adapter(backbone.transformer)
     return type(backbone).__name__ == "DiffusersUNet" and has_ip_adapter(backbone.unet)
 
 
@@ -238,10 +251,9 @@ def set_ip_scale(backbone: nn.Module, scale: float) -> None:
         for attn in _our_cross_attentions(backbone):
             attn.ip_scale = float(scale)
         return
-    if type(backbone).__name__ == "FluxTransformer":
-        from diffusion.ip_adapter_flux import set_ip_scale as flux_set_ip_scale
-
-        flux_set_ip_scale(backbone.transformer, scale)
+    mmdit = _mmdit(backbone)
+    if mmdit is not None:
+        mmdit.set_ip_scale(backbone.transformer, scale)
         return
     for _, proc in cross_attention_processors(backbone.unet):
         proc.scale = [float(scale)] * len(proc.scale)
@@ -250,8 +262,10 @@ def set_ip_scale(backbone: nn.Module, scale: float) -> None:
 def is_ip_parameter(name: str) -> bool:
     """Whether a backbone parameter is the IP-Adapter's: the image projection or a new key/value map
     (a DiffusersUNet's or FluxTransformer's to_k_ip / to_v_ip, a DiT's ip_kv)."""
-    projections = ("unet.encoder_hid_proj.", "transformer.encoder_hid_proj.", "image_projection.")
-    return name.startswith(projections) or ".to_k_ip." in name or ".to_v_ip." in name or ".ip_kv." in name
+    projections = ("unet.encoder_hid_proj.", "transformer.encoder_hid_proj.", "transformer.image_proj.",
+                   "image_projection.")
+    maps = (".to_k_ip.", ".to_v_ip.", ".ip_kv.", ".norm_ip.")  # norm_ip: SD3's AdaLayerNorm of the image tokens
+    return name.startswith(projections) or any(m in name for m in maps)
 
 
 class IPAdapter(Adapter):
@@ -260,14 +274,16 @@ class IPAdapter(Adapter):
     the image encoder's embeddings (its ``embed_dim``: 1024 for IP-Adapter SD 1.5's OpenCLIP ViT-H/14).
     ``scale``: the image attention's weight the backbone starts with (1 as trained; sampling may set
     another with :func:`set_ip_scale`). ``base``: as adapter=lora's. The end of training and export.py
-    write :data:`WEIGHT_NAMES` (diffusers' layout) from the EMA backbone of a DiffusersUNet or a
-    FluxTransformer."""
+    write :data:`WEIGHT_NAMES` (diffusers' layout) from the EMA backbone of a DiffusersUNet, a
+    FluxTransformer or an SD3Transformer. ``resampler``: SD3's time image projection's shape
+    (diffusion.ip_adapter_sd3.RESAMPLER: InstantX's hidden_dim 1280, heads 20, num_queries 64,
+    timestep_in_dim 320 unless given); an SD3Transformer only."""
 
     name = "ip_adapter"
     trains_base = False
 
     def __init__(self, image_embed_dim: int | None = None, scale: float = 1.0, base: str | None = None,
-                 base_dtype: str = "float32") -> None:
+                 base_dtype: str = "float32", resampler: dict[str, int] | None = None) -> None:
         # None: the image encoder's (build_module reads it off image_condition=image_prompt's encoder).
         if image_embed_dim is not None and (not isinstance(image_embed_dim, int) or isinstance(image_embed_dim, bool)
                                             or image_embed_dim < 1):
@@ -281,19 +297,22 @@ class IPAdapter(Adapter):
         self.scale = float(scale)
         self.base = base
         self.base_dtype = base_dtype
+        self.resampler = dict(resampler) if resampler else {}
 
     def apply(self, backbone: nn.Module) -> nn.Module:
         if self.image_embed_dim is None:
             raise ValueError("adapter=ip_adapter: image_embed_dim is not set and no image encoder gave it; add "
                              "image_condition=image_prompt (its encoder's embed_dim), or set adapter.image_embed_dim")
         kind = _kind(backbone)
+        if self.resampler and kind != "SD3Transformer":
+            raise ValueError(f"adapter.resampler={self.resampler}: only SD3's IP-Adapter has a resampler; drop it for "
+                             f"{kind}")
         backbone.requires_grad_(False)
         if kind in ("DiT", "UNet"):
             add_our_ip_adapter(backbone, self.image_embed_dim)
-        elif kind == "FluxTransformer":
-            from diffusion import ip_adapter_flux
-
-            ip_adapter_flux.add_ip_adapter(ip_adapter_flux.transformer_of(backbone), self.image_embed_dim)
+        elif kind in _MMDIT:
+            mmdit = _mmdit(backbone)
+            mmdit.add_ip_adapter(mmdit.transformer_of(backbone), self.image_embed_dim, **self.resampler)
         else:
             add_ip_adapter(_unet(backbone), self.image_embed_dim)
         for name, param in backbone.named_parameters():
@@ -302,6 +321,6 @@ class IPAdapter(Adapter):
         return backbone
 
     def write_outputs(self, module: nn.Module, directory: str | Path) -> list[Path]:
-        if type(module.ema.module).__name__ not in ("DiffusersUNet", "FluxTransformer"):
+        if type(module.ema.module).__name__ not in ("DiffusersUNet", *_MMDIT):
             return []  # our DiT's and UNet's adapters live in their checkpoints only
         return save_ip_adapter(module.ema.module, directory)

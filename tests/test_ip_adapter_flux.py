@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-from diffusion.backbones import FluxTransformer, SD3Transformer
+from diffusion.backbones import FluxTransformer
 from diffusion.backbones.diffusers_mmdit import image_ids, pack, unpack
 from diffusion.conditioning import Conditioning
 from diffusion.ip_adapter import WEIGHT_NAMES, IPAdapter, save_ip_adapter, set_ip_scale, without_ip_adapter
@@ -21,7 +21,7 @@ from diffusion.samplers import ClassifierFreeGuidance, euler, grids
 from diffusion.schedules import FlowMatching
 from diffusion.timesteps import FluxShift
 from tests.tiny_encoders import no_network  # noqa: F401 - autouse: offline
-from tests.tiny_mmdit import POOLED, TINY_FLUX, TINY_SD3, WIDTH, tiny_transformer
+from tests.tiny_mmdit import POOLED, TINY_FLUX, WIDTH, tiny_transformer
 
 EMBED = 24  # the image encoder's embedding width (XLabs': CLIP ViT-L/14's 768)
 # Two double-stream blocks, so that the file's block numbering is tested.
@@ -181,9 +181,8 @@ def test_the_refusals(base):
         set_ip_scale(base, 0.5)
     with pytest.raises(ValueError, match="carries no IP-Adapter"):
         without_ip_adapter(base)
-    sd3 = SD3Transformer(config=TINY_SD3, in_channels=16, token_dim=WIDTH, pooled_dim=POOLED)
-    with pytest.raises(ValueError, match="takes a wrapped diffusers UNet.*FLUX transformer.*not SD3Transformer"):
-        IPAdapter(image_embed_dim=EMBED).apply(sd3)
+    with pytest.raises(ValueError, match="only SD3's IP-Adapter has a resampler"):
+        IPAdapter(image_embed_dim=EMBED, resampler={"num_queries": 4}).apply(copy.deepcopy(base))
     assert TINY_FLUX["num_layers"] == 1  # FLUX above overrides it to 2
 
 

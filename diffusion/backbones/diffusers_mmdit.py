@@ -13,6 +13,8 @@ Neither pipeline passes a padding mask, so none is passed here.
 With an IP-Adapter (adapter=ip_adapter, diffusion.ip_adapter_flux) FLUX also takes ``cond.image_embeds``
 (B, N, D), N image prompts' embeddings (zeros: none), passed as FluxPipeline passes them
 (``joint_attention_kwargs["ip_adapter_image_embeds"]``, a list of one tensor: one IP-Adapter).
+SD3 with one (diffusion.ip_adapter_sd3) takes SigLIP's patch states (B, N, D) the same way, a tensor as
+StableDiffusion3Pipeline passes it; its transformer resamples them with its own timestep.
 """
 
 from __future__ import annotations
@@ -140,9 +142,15 @@ class SD3Transformer(_DiffusersTransformer):
         cond = self._check_condition(x, cond)
         dtype = self.transformer.dtype
         residuals = None if control_residuals is None else [r.to(dtype) for r in control_residuals]
+        from diffusion.ip_adapter_sd3 import image_embed_dim
+
+        ip = check_image_embeds(self.name, cond, image_embed_dim(self.transformer))
+        # A fresh dict each call (the transformer pops the embeddings out of it); a tensor, as SD3's pipeline passes.
+        joint = None if ip is None else {"ip_adapter_image_embeds": ip.to(dtype)}
         out = self.transformer(hidden_states=x.to(dtype), timestep=self.timestep(t),
                                encoder_hidden_states=cond.tokens.to(dtype), pooled_projections=cond.pooled.to(dtype),
-                               block_controlnet_hidden_states=residuals, return_dict=False)[0]
+                               block_controlnet_hidden_states=residuals, joint_attention_kwargs=joint,
+                               return_dict=False)[0]
         return out.to(x.dtype)
 
 

@@ -12,6 +12,9 @@ rounding to 8 bits after resizing.
 ``OpenCLIPImageEncoder`` is open_clip's image tower: ``model.encode_image`` (the projected pooled state,
 unnormalised, as CLIPVisionModelWithProjection's ``image_embeds``), preprocessed as open_clip's own
 evaluation transform (torchvision's shortest-side ``Resize``, ``CenterCrop``, the model's mean and std).
+
+``SiglipImageEncoder`` is SigLIP's vision tower as StableDiffusion3Pipeline runs it for its IP-Adapter:
+the penultimate hidden states of all patches (B, N, D).
 """
 
 from __future__ import annotations
@@ -221,3 +224,109 @@ def _resize_shortest(x: Tensor, size: int, mode: str) -> Tensor:
     for shape in ((h, new[1]), new):
         x = F.interpolate(x, size=shape, mode=mode, antialias=True, align_corners=False).clamp(0, 1)
     return x
+
+
+#: SigLIP's pixel statistics (SiglipImageProcessor's image_mean and image_std).
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+class SiglipImageEncoder(FrozenModule):
+    """forward(images (B, 3, H, W) in [-1, 1]) -> the penultimate hidden states (B, patches, embed_dim), float32.
+
+    What StableDiffusion3Pipeline's ``encode_image`` gives its IP-Adapter (InstantX's SD3.5-Large, whose
+    time-conditioned resampler reads every patch token): ``SiglipVisionModel(pixels,
+    output_hidden_states=True).hidden_states[-2]``. Preprocessed in torch as ``SiglipImageProcessor``
+    does: resized to ``size`` x ``size`` (bicubic, antialiased, each pass clamped to the pixel range as
+    its 8-bit resize), rescaled to [0, 1], normalised with mean = std = 0.5 (no crop).
+
+    Args:
+        pretrained: a hub id or local directory of a ``SiglipVisionModel`` (google/siglip-so400m-patch14-384,
+            as diffusers' SD3 IP-Adapter docs; a full SigLIP checkpoint loads its vision tower). Exactly
+            one of ``pretrained`` and ``config``.
+        subfolder: where the encoder lies in the repository.
+        config: ``SiglipVisionConfig`` arguments, for a randomly initialised encoder (tests).
+        size: the side the image is resized to; None: the model's ``image_size`` (384).
+        dtype: what the frozen weights are stored in; the embeddings come out float32.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = "google/siglip-so400m-patch14-384",
+        subfolder: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        size: int | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        import transformers
+
+        check_choice("image_encoder.dtype", dtype, tuple(DTYPES))
+        if (pretrained is None) == (config is None):
+            raise ValueError("SiglipImageEncoder needs exactly one of pretrained (a hub id or a directory of a "
+                             "SiglipVisionModel) and config (SiglipVisionConfig arguments), got "
+                             f"pretrained={pretrained!r} and config={'a dict' if config is not None else None}")
+        if pretrained is not None:
+            sub = {} if subfolder is None else {"subfolder": subfolder}
+            self.model = transformers.SiglipVisionModel.from_pretrained(pretrained, dtype=DTYPES[dtype], **sub)
+            self.source = pretrained if subfolder is None else f"{pretrained}/{subfolder}"
+        else:
+            vision = transformers.SiglipVisionConfig(**dict(config))
+            self.model = transformers.SiglipVisionModel(vision).to(DTYPES[dtype])
+            self.source = "config"
+        c = self.model.config
+        if c.num_hidden_layers < 2:
+            raise ValueError(f"SiglipImageEncoder: the model has {c.num_hidden_layers} layer(s); its output is the "
+                             "penultimate hidden state, which needs at least 2")
+        self.size = int(size) if size is not None else int(c.image_size)
+        if self.size % int(c.patch_size):
+            raise ValueError(f"SiglipImageEncoder: size={self.size} is not a multiple of the patch size {c.patch_size}")
+        self.embed_dim = int(c.hidden_size)
+        self.num_tokens = (self.size // int(c.patch_size)) ** 2
+        self.register_buffer("mean", torch.tensor(SIGLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(SIGLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self._freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """SiglipImageProcessor's pixel_values of images in [-1, 1]: (B, 3, size, size), float32."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W) in [-1, 1], got "
+                             f"{tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects float images in [-1, 1], got dtype {images.dtype} "
+                             "(uint8 pixels: divide by 127.5 and subtract 1)")
+        x = (images.float() + 1) / 2
+        h = x.shape[-2]
+        # The width pass, then the height pass, each clamped (the processor's 8-bit resize stores pixels between).
+        for shape in ((h, self.size), (self.size, self.size)):
+            x = F.interpolate(x, size=shape, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            pixels = self.preprocess(images.to(self.device))
+            states = self.model(pixel_values=pixels.to(self.dtype), output_hidden_states=True).hidden_states[-2]
+        return states.float()
+
+    def null_embeds(self, batch_size: int = 1) -> Tensor:
+        """The null image prompt: zeros (B, patches, embed_dim), StableDiffusion3Pipeline's negative image embeds."""
+        return torch.zeros(batch_size, self.num_tokens, self.embed_dim, device=self.device)
+
+    def fingerprint(self) -> dict[str, str]:
+        """What determines the embeddings, e.g. to check that cached image embeddings match this encoder."""
+        return {
+            "class": type(self).__name__,
+            "source": self.source,
+            "sha256": weights_sha256(self),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "size": str(self.size),
+            "embed_dim": str(self.embed_dim),
+            "num_tokens": str(self.num_tokens),
+        }
