@@ -142,8 +142,8 @@ def check_image_prompt(adapter: Any, image_condition: Any) -> None:
 
     prompted, adapted = isinstance(image_condition, ImagePrompt), isinstance(adapter, IPAdapter)
     if adapted and not prompted:
-        raise ValueError("adapter=ip_adapter attends to an image prompt: add image_condition=image_prompt (its image "
-                         "encoder makes the embeddings)")
+        raise ValueError("adapter=ip_adapter attends to an image prompt: add image_condition=image_prompt (CLIP; "
+                         "image_prompt_openclip, or image_prompt_siglip for SD3: its image encoder makes the embeddings)")
     if prompted and not adapted:
         raise ValueError("image_condition=image_prompt feeds an IP-Adapter: add adapter=ip_adapter")
     if adapted and adapter.image_embed_dim is None:
