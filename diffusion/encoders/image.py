@@ -35,7 +35,87 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CLIPImageEncoder(FrozenModule):
+class ImageEncoder(FrozenModule):
+    """What every image encoder shares: ``forward(images (B, 3, H, W) in [-1, 1]) -> (B, num_tokens,
+    embed_dim)`` float32, as ``_embed(preprocess(images))`` in the weights' dtype without gradients;
+    zeros as the null prompt; a fingerprint naming the weights and the preprocessing
+    (:meth:`_preprocessing`)."""
+
+    embed_dim: int
+    num_tokens: int
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def check_images(self, images: Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W) in [-1, 1], got "
+                             f"{tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects float images in [-1, 1], got dtype {images.dtype} "
+                             "(uint8 pixels: divide by 127.5 and subtract 1)")
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _embed(self, pixels: Tensor) -> Tensor:
+        """(B, 3, h, w) preprocessed pixels in the weights' dtype -> (B, num_tokens, embed_dim)."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            pixels = self.preprocess(images.to(self.device))
+            embeds = self._embed(pixels.to(self.dtype))
+        return embeds.float()
+
+    def null_embeds(self, batch_size: int = 1) -> Tensor:
+        """The null image prompt: zeros (B, num_tokens, embed_dim), the image embeddings diffusers' pipelines
+        take for the unconditional branch of an IP-Adapter."""
+        return torch.zeros(batch_size, self.num_tokens, self.embed_dim, device=self.device)
+
+    def _preprocessing(self) -> dict[str, str]:
+        """The preprocessing's settings that change the embeddings (sizes), for the fingerprint."""
+        return {"size": str(self.size)}
+
+    def fingerprint(self) -> dict[str, str]:
+        """What determines the embeddings, e.g. to check that cached image embeddings match this encoder."""
+        return {
+            "class": type(self).__name__,
+            "source": self.source,
+            "sha256": weights_sha256(self),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            **self._preprocessing(),
+            "embed_dim": str(self.embed_dim),
+            "num_tokens": str(self.num_tokens),
+        }
+
+
+def _hf_vision_model(owner: str, model_class: str, config_class: str, pretrained: str | None, subfolder: str | None,
+                     config: Mapping[str, Any] | None, dtype: str) -> tuple[Any, str]:
+    """(a transformers ``model_class`` from ``pretrained`` or, randomly initialised, from ``config``
+    arguments of ``config_class``, in ``dtype``; its source)."""
+    import transformers
+
+    check_choice("image_encoder.dtype", dtype, tuple(DTYPES))
+    if (pretrained is None) == (config is None):
+        raise ValueError(f"{owner} needs exactly one of pretrained (a hub id or a directory of a "
+                         f"{model_class}) and config ({config_class} arguments), got "
+                         f"pretrained={pretrained!r} and config={'a dict' if config is not None else None}")
+    if pretrained is not None:
+        sub = {} if subfolder is None else {"subfolder": subfolder}
+        model = getattr(transformers, model_class).from_pretrained(pretrained, dtype=DTYPES[dtype], **sub)
+        return model, pretrained if subfolder is None else f"{pretrained}/{subfolder}"
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**dict(config)))
+    return model.to(DTYPES[dtype]), "config"
+
+
+class CLIPImageEncoder(ImageEncoder):
     """forward(images (B, 3, H, W) in [-1, 1]) -> image_embeds (B, 1, embed_dim), float32.
 
     Args:
@@ -61,22 +141,8 @@ class CLIPImageEncoder(FrozenModule):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        import transformers
-
-        check_choice("image_encoder.dtype", dtype, tuple(DTYPES))
-        if (pretrained is None) == (config is None):
-            raise ValueError("CLIPImageEncoder needs exactly one of pretrained (a hub id or a directory of a "
-                             "CLIPVisionModelWithProjection) and config (CLIPVisionConfig arguments), got "
-                             f"pretrained={pretrained!r} and config={'a dict' if config is not None else None}")
-        if pretrained is not None:
-            sub = {} if subfolder is None else {"subfolder": subfolder}
-            self.model = transformers.CLIPVisionModelWithProjection.from_pretrained(
-                pretrained, dtype=DTYPES[dtype], **sub)
-            self.source = pretrained if subfolder is None else f"{pretrained}/{subfolder}"
-        else:
-            vision = transformers.CLIPVisionConfig(**dict(config))
-            self.model = transformers.CLIPVisionModelWithProjection(vision).to(DTYPES[dtype])
-            self.source = "config"
+        self.model, self.source = _hf_vision_model("CLIPImageEncoder", "CLIPVisionModelWithProjection",
+                                                   "CLIPVisionConfig", pretrained, subfolder, config, dtype)
         image_size = int(self.model.config.image_size)
         self.size = int(size) if size is not None else image_size
         self.crop_size = int(crop_size) if crop_size is not None else image_size
@@ -88,53 +154,19 @@ class CLIPImageEncoder(FrozenModule):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self._freeze()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def preprocess(self, images: Tensor) -> Tensor:
         """CLIPImageProcessor's pixel_values of images in [-1, 1]: (B, 3, crop_size, crop_size), float32."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W) in [-1, 1], got "
-                             f"{tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"{type(self).__name__} expects float images in [-1, 1], got dtype {images.dtype} "
-                             "(uint8 pixels: divide by 127.5 and subtract 1)")
+        self.check_images(images)
         x = _resize_shortest((images.float() + 1) / 2, self.size, "bicubic")
         top, left = (int((n - self.crop_size) / 2.0) for n in x.shape[-2:])
         x = x[..., top:top + self.crop_size, left:left + self.crop_size]
         return (x - self.mean) / self.std
 
-    def forward(self, images: Tensor) -> Tensor:
-        with torch.no_grad():
-            pixels = self.preprocess(images.to(self.device))
-            embeds = self._embed(pixels.to(self.dtype))
-        return embeds.float().unsqueeze(1)
-
     def _embed(self, pixels: Tensor) -> Tensor:
-        return self.model(pixel_values=pixels).image_embeds
+        return self.model(pixel_values=pixels).image_embeds.unsqueeze(1)  # one token: the projected CLS state
 
-    def null_embeds(self, batch_size: int = 1) -> Tensor:
-        """The null image prompt: zero embeddings (B, 1, embed_dim), as diffusers' pipelines take for the
-        unconditional branch of an IP-Adapter (non-plus)."""
-        return torch.zeros(batch_size, self.num_tokens, self.embed_dim, device=self.device)
-
-    def fingerprint(self) -> dict[str, str]:
-        """What determines the embeddings, e.g. to check that cached image embeddings match this encoder."""
-        return {
-            "class": type(self).__name__,
-            "source": self.source,
-            "sha256": weights_sha256(self),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "size": str(self.size),
-            "crop_size": str(self.crop_size),
-            "embed_dim": str(self.embed_dim),
-            "num_tokens": str(self.num_tokens),
-        }
+    def _preprocessing(self) -> dict[str, str]:
+        return {"size": str(self.size), "crop_size": str(self.crop_size)}
 
 
 class OpenCLIPImageEncoder(CLIPImageEncoder):
@@ -195,12 +227,7 @@ class OpenCLIPImageEncoder(CLIPImageEncoder):
 
     def preprocess(self, images: Tensor) -> Tensor:
         """open_clip's evaluation transform of images in [-1, 1]: (B, 3, size, size), float32."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W) in [-1, 1], got "
-                             f"{tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"{type(self).__name__} expects float images in [-1, 1], got dtype {images.dtype} "
-                             "(uint8 pixels: divide by 127.5 and subtract 1)")
+        self.check_images(images)
         x = _resize_shortest((images.float() + 1) / 2, self.size, self.interpolation)
         # torchvision's CenterCrop rounds the offsets (CLIPImageProcessor truncates them).
         top, left = (int(round((n - self.crop_size) / 2.0)) for n in x.shape[-2:])
@@ -208,7 +235,7 @@ class OpenCLIPImageEncoder(CLIPImageEncoder):
         return (x - self.mean) / self.std
 
     def _embed(self, pixels: Tensor) -> Tensor:
-        return self.model(pixels)
+        return self.model(pixels).unsqueeze(1)
 
     def fingerprint(self) -> dict[str, str]:
         return {**super().fingerprint(), "interpolation": self.interpolation}
@@ -216,12 +243,16 @@ class OpenCLIPImageEncoder(CLIPImageEncoder):
 
 def _resize_shortest(x: Tensor, size: int, mode: str) -> Tensor:
     """x (B, 3, H, W) in [0, 1] with its shortest side resized to ``size``, the longest truncated as
-    torchvision's ``Resize(size)`` and CLIPImageProcessor truncate it. As their 8-bit resize (PIL's,
-    and torchvision's on uint8): the width pass, then the height pass, each result clamped to the pixel
-    range (they store 8-bit pixels between the passes)."""
+    torchvision's ``Resize(size)`` and CLIPImageProcessor truncate it, as their 8-bit resize (PIL's, and
+    torchvision's on uint8) does it."""
     h, w = x.shape[-2:]
-    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    for shape in ((h, new[1]), new):
+    return _resize_8bit(x, (size, int(size * w / h)) if h <= w else (int(size * h / w), size), mode)
+
+
+def _resize_8bit(x: Tensor, hw: tuple[int, int], mode: str) -> Tensor:
+    """x (B, 3, H, W) in [0, 1] resized to ``hw`` as an 8-bit resize does it: the width pass, then the
+    height pass, each result clamped to the pixel range (8-bit pixels are stored between the passes)."""
+    for shape in ((x.shape[-2], hw[1]), hw):
         x = F.interpolate(x, size=shape, mode=mode, antialias=True, align_corners=False).clamp(0, 1)
     return x
 
@@ -230,7 +261,7 @@ def _resize_shortest(x: Tensor, size: int, mode: str) -> Tensor:
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-class SiglipImageEncoder(FrozenModule):
+class SiglipImageEncoder(ImageEncoder):
     """forward(images (B, 3, H, W) in [-1, 1]) -> the penultimate hidden states (B, patches, embed_dim), float32.
 
     What StableDiffusion3Pipeline's ``encode_image`` gives its IP-Adapter (InstantX's SD3.5-Large, whose
@@ -258,21 +289,8 @@ class SiglipImageEncoder(FrozenModule):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        import transformers
-
-        check_choice("image_encoder.dtype", dtype, tuple(DTYPES))
-        if (pretrained is None) == (config is None):
-            raise ValueError("SiglipImageEncoder needs exactly one of pretrained (a hub id or a directory of a "
-                             "SiglipVisionModel) and config (SiglipVisionConfig arguments), got "
-                             f"pretrained={pretrained!r} and config={'a dict' if config is not None else None}")
-        if pretrained is not None:
-            sub = {} if subfolder is None else {"subfolder": subfolder}
-            self.model = transformers.SiglipVisionModel.from_pretrained(pretrained, dtype=DTYPES[dtype], **sub)
-            self.source = pretrained if subfolder is None else f"{pretrained}/{subfolder}"
-        else:
-            vision = transformers.SiglipVisionConfig(**dict(config))
-            self.model = transformers.SiglipVisionModel(vision).to(DTYPES[dtype])
-            self.source = "config"
+        self.model, self.source = _hf_vision_model("SiglipImageEncoder", "SiglipVisionModel", "SiglipVisionConfig",
+                                                   pretrained, subfolder, config, dtype)
         c = self.model.config
         if c.num_hidden_layers < 2:
             raise ValueError(f"SiglipImageEncoder: the model has {c.num_hidden_layers} layer(s); its output is the "
@@ -286,47 +304,11 @@ class SiglipImageEncoder(FrozenModule):
         self.register_buffer("std", torch.tensor(SIGLIP_STD).view(1, 3, 1, 1), persistent=False)
         self._freeze()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def preprocess(self, images: Tensor) -> Tensor:
         """SiglipImageProcessor's pixel_values of images in [-1, 1]: (B, 3, size, size), float32."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W) in [-1, 1], got "
-                             f"{tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"{type(self).__name__} expects float images in [-1, 1], got dtype {images.dtype} "
-                             "(uint8 pixels: divide by 127.5 and subtract 1)")
-        x = (images.float() + 1) / 2
-        h = x.shape[-2]
-        # The width pass, then the height pass, each clamped (the processor's 8-bit resize stores pixels between).
-        for shape in ((h, self.size), (self.size, self.size)):
-            x = F.interpolate(x, size=shape, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        self.check_images(images)
+        x = _resize_8bit((images.float() + 1) / 2, (self.size, self.size), "bicubic")
         return (x - self.mean) / self.std
 
-    def forward(self, images: Tensor) -> Tensor:
-        with torch.no_grad():
-            pixels = self.preprocess(images.to(self.device))
-            states = self.model(pixel_values=pixels.to(self.dtype), output_hidden_states=True).hidden_states[-2]
-        return states.float()
-
-    def null_embeds(self, batch_size: int = 1) -> Tensor:
-        """The null image prompt: zeros (B, patches, embed_dim), StableDiffusion3Pipeline's negative image embeds."""
-        return torch.zeros(batch_size, self.num_tokens, self.embed_dim, device=self.device)
-
-    def fingerprint(self) -> dict[str, str]:
-        """What determines the embeddings, e.g. to check that cached image embeddings match this encoder."""
-        return {
-            "class": type(self).__name__,
-            "source": self.source,
-            "sha256": weights_sha256(self),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "size": str(self.size),
-            "embed_dim": str(self.embed_dim),
-            "num_tokens": str(self.num_tokens),
-        }
+    def _embed(self, pixels: Tensor) -> Tensor:
+        return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
