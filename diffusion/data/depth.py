@@ -7,78 +7,38 @@ ControlNet depth examples stack into three channels: the image processor's input
 and Depth Anything), min-max normalised per image and scaled to 0..255, truncated to uint8. A
 constant prediction (the pipeline would divide by zero) gives a black map.
 
-The model is frozen, in eval mode, on the CPU (DataLoader workers cannot use CUDA after a fork) and
-loaded once per process, lazily: the data module loads it when it is built (so a bad model fails at
-setup), a forked worker inherits it, a spawned worker loads it at its first sample. Its identity
-(the model as given, the sha256 of its weights and of its image processor's settings) is
-:func:`depth_identity`, for fingerprints: caches see a change of weights behind the same name.
+The model is loaded as every weighted annotator's (diffusion.data.estimators): frozen, on the CPU,
+once per process, lazily: the data module loads it when it is built (so a bad model fails at setup),
+a forked worker inherits it, a spawned worker loads it at its first sample. Its identity for
+fingerprints is :func:`depth_identity`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffusion.frozen import weights_sha256
+from diffusion.data.estimators import PretrainedEstimator
 
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"  # diffusers' ControlNet depth examples' estimator
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
-_LOADED: dict[str, "DepthEstimator"] = {}  # one estimator per model and process
 
 
-def model_location(model: str, annotator: str, holding: str) -> str:
-    """Where transformers loads ``model`` from: a local directory, else a hub id; a path that is no
-    directory (and no hub id) is an error naming the ``annotator`` option and what it should hold."""
-    local = Path(model).expanduser()
-    if not local.is_dir() and (local.exists() or not _HUB_ID.match(model)):
-        raise FileNotFoundError(f"{annotator} annotator: model directory {model} does not exist (or is not a "
-                                "directory); set data.module.annotator_options.model to a hub id or to a directory "
-                                f"holding {holding} and its image processor (save_pretrained)")
-    return str(local) if local.is_dir() else model
-
-
-def process_key(model: str) -> str:
-    """The key of a model in a process's table of loaded ones: a directory however written, or the id."""
-    local = Path(str(model)).expanduser()
-    return str(local.resolve()) if local.is_dir() else str(model)
-
-
-class DepthEstimator:
+class DepthEstimator(PretrainedEstimator):
     """``model``: a hub id or a local directory holding a depth model and its image processor (as
     ``save_pretrained`` writes them). Calling it maps a PIL image to its RGB depth map, of its size."""
 
-    def __init__(self, model: str) -> None:
-        import transformers
+    annotator, holding, model_class = "depth", "a depth model", "AutoModelForDepthEstimation"
+
+    def check_config(self, model: str, config: Any) -> None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES
 
-        self.name = model = str(model)
-        where = model_location(model, "depth", "a depth model")
-        try:
-            config = transformers.AutoConfig.from_pretrained(where)
-        except OSError as e:
-            raise OSError(f"depth annotator: cannot load the model {model!r} ({e}); give a hub id reachable or in the "
-                          "local cache, or a directory holding a depth model and its image processor") from e
         if config.model_type not in MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES:
             raise ValueError(f"depth annotator: {model!r} is a {config.model_type!r} model, not a depth estimator; give "
                              "a model that transformers' AutoModelForDepthEstimation loads ("
                              f"{', '.join(sorted(MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES))})")
-        self.model = transformers.AutoModelForDepthEstimation.from_pretrained(where, dtype=torch.float32)
-        self.model.requires_grad_(False).eval()
-        try:
-            self.processor = transformers.AutoImageProcessor.from_pretrained(where)
-        except OSError as e:
-            raise OSError(f"depth annotator: {model!r} has no image processor ({e}); save the model's image processor "
-                          "beside it (preprocessor_config.json)") from e
-        settings = json.dumps(self.processor.to_dict(), sort_keys=True, default=str).encode()
-        self.hashes = {"weights_sha256": weights_sha256(self.model),
-                       "processor_sha256": hashlib.sha256(settings).hexdigest()}
 
     @torch.inference_mode()
     def predicted_depth(self, image: Image.Image) -> torch.Tensor:
@@ -101,12 +61,9 @@ class DepthEstimator:
 
 def depth_estimator(model: str = DEFAULT_DEPTH_MODEL) -> DepthEstimator:
     """The process's estimator of ``model``, loaded at the first call."""
-    key = process_key(model)
-    if key not in _LOADED:
-        _LOADED[key] = DepthEstimator(model)
-    return _LOADED[key]
+    return DepthEstimator.loaded(model)
 
 
 def depth_identity(model: str = DEFAULT_DEPTH_MODEL) -> dict[str, Any]:
     """What a depth map depends on: the model as given and the sha256 of its weights and processor."""
-    return {"model": str(model), **depth_estimator(model).hashes}
+    return DepthEstimator.identity(model)

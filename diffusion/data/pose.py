@@ -20,8 +20,6 @@ The model is frozen, in eval mode, on the CPU and loaded once per process, as th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Any
 
@@ -29,8 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from diffusion.data.depth import model_location, process_key
-from diffusion.frozen import weights_sha256
+from diffusion.data.estimators import PretrainedEstimator
 
 DEFAULT_POSE_MODEL = "usyd-community/vitpose-base-simple"
 DEFAULT_THRESHOLD = 0.3
@@ -45,7 +42,6 @@ COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0
            (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
 LIMB_WIDTH = 4  # half-width of a limb's ellipse, pixels
 JOINT_RADIUS = 4
-_LOADED: dict[str, "PoseEstimator"] = {}  # one estimator per model and process
 
 
 def check_threshold(threshold: Any) -> float:
@@ -98,20 +94,17 @@ def draw_pose(keypoints: np.ndarray | torch.Tensor, scores: np.ndarray | torch.T
     return canvas
 
 
-class PoseEstimator:
+class PoseEstimator(PretrainedEstimator):
     """``model``: a hub id or a local directory holding a ViTPose model and its image processor (as
     ``save_pretrained`` writes them). Calling it maps a PIL image to its skeleton image, of its size."""
 
-    def __init__(self, model: str) -> None:
-        import transformers
+    annotator, holding, model_class = "pose", "a ViTPose model", "VitPoseForPoseEstimation"
 
-        self.name = model = str(model)
-        where = model_location(model, "pose", "a ViTPose model")
-        try:
-            config = transformers.AutoConfig.from_pretrained(where)
-        except OSError as e:
-            raise OSError(f"pose annotator: cannot load the model {model!r} ({e}); give a hub id reachable or in the "
-                          "local cache, or a directory holding a ViTPose model and its image processor") from e
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.experts = getattr(self.config.backbone_config, "num_experts", 1)
+
+    def check_config(self, model: str, config: Any) -> None:
         if config.model_type != "vitpose":
             raise ValueError(f"pose annotator: {model!r} is a {config.model_type!r} model, not a pose estimator; give a "
                              "ViTPose model (model_type 'vitpose', VitPoseForPoseEstimation), e.g. "
@@ -119,17 +112,6 @@ class PoseEstimator:
         if config.num_labels != NUM_KEYPOINTS:
             raise ValueError(f"pose annotator: {model!r} predicts {config.num_labels} keypoints, not COCO's "
                              f"{NUM_KEYPOINTS} that the OpenPose skeleton is drawn from; give a COCO ViTPose model")
-        self.model = transformers.VitPoseForPoseEstimation.from_pretrained(where, dtype=torch.float32)
-        self.model.requires_grad_(False).eval()
-        try:
-            self.processor = transformers.AutoImageProcessor.from_pretrained(where)
-        except OSError as e:
-            raise OSError(f"pose annotator: {model!r} has no image processor ({e}); save the model's image processor "
-                          "beside it (preprocessor_config.json)") from e
-        self.experts = getattr(config.backbone_config, "num_experts", 1)
-        settings = json.dumps(self.processor.to_dict(), sort_keys=True, default=str).encode()
-        self.hashes = {"weights_sha256": weights_sha256(self.model),
-                       "processor_sha256": hashlib.sha256(settings).hexdigest()}
 
     @torch.inference_mode()
     def keypoints(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +132,10 @@ class PoseEstimator:
 
 def pose_estimator(model: str = DEFAULT_POSE_MODEL) -> PoseEstimator:
     """The process's estimator of ``model``, loaded at the first call."""
-    key = process_key(model)
-    if key not in _LOADED:
-        _LOADED[key] = PoseEstimator(model)
-    return _LOADED[key]
+    return PoseEstimator.loaded(model)
 
 
 def pose_identity(model: str = DEFAULT_POSE_MODEL) -> dict[str, Any]:
     """What a pose image depends on beyond its threshold: the model as given and the sha256 of its
     weights and processor."""
-    return {"model": str(model), **pose_estimator(model).hashes}
+    return PoseEstimator.identity(model)
