@@ -100,14 +100,29 @@ def image_embed_dim(unet: nn.Module) -> int | None:
     return int(unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features)
 
 
+def check_embed_dim(embed_dim: int) -> None:
+    if embed_dim < 1:
+        raise ValueError(f"adapter.image_embed_dim={embed_dim}: the image encoder's embedding width must be >= 1")
+
+
+def projection_layout(proj: nn.Linear, norm: nn.LayerNorm) -> dict[str, Tensor]:
+    """The image projection (diffusers' ImageProjection: a linear map to the tokens, LayerNorm) as released
+    files hold it: ``proj.*``, ``norm.*``."""
+    return {"proj.weight": proj.weight, "proj.bias": proj.bias, "norm.weight": norm.weight, "norm.bias": norm.bias}
+
+
+def released(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tensors as a released file stores them: detached, float32, on the CPU, contiguous."""
+    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+
 def initial_state_dict(unet: nn.Module, embed_dim: int) -> dict[str, dict[str, Tensor]]:
     """A new IP-Adapter for ``unet`` in a released file's layout: the projection as nn.Linear and
     nn.LayerNorm initialise (from the global RNG), ``to_k_ip`` / ``to_v_ip`` copies of each
     cross-attention layer's ``to_k`` / ``to_v``."""
     width = int(unet.config.cross_attention_dim)
-    proj, norm = nn.Linear(embed_dim, NUM_TOKENS * width), nn.LayerNorm(width)
-    image_proj = {"proj.weight": proj.weight.detach(), "proj.bias": proj.bias.detach(),
-                  "norm.weight": norm.weight.detach(), "norm.bias": norm.bias.detach()}
+    image_proj = {k: v.detach() for k, v in projection_layout(nn.Linear(embed_dim, NUM_TOKENS * width),
+                                                               nn.LayerNorm(width)).items()}
     layers: dict[str, Tensor] = {}
     for i, (name, _) in enumerate(cross_attention_processors(unet)):
         attn = unet.get_submodule(name.removesuffix(".processor"))
@@ -126,8 +141,7 @@ def add_ip_adapter(unet: nn.Module, embed_dim: int, state: dict[str, dict[str, T
     if unet.config.encoder_hid_dim_type is not None:
         raise ValueError(f"the UNet has encoder_hid_dim_type={unet.config.encoder_hid_dim_type!r} already (an "
                          "IP-Adapter or a text projection); adapter=ip_adapter adds one to a plain SD UNet")
-    if embed_dim < 1:
-        raise ValueError(f"adapter.image_embed_dim={embed_dim}: the image encoder's embedding width must be >= 1")
+    check_embed_dim(embed_dim)
     state = state if state is not None else initial_state_dict(unet, embed_dim)
     unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
 
@@ -137,14 +151,12 @@ def ip_adapter_state_dict(unet: nn.Module) -> dict[str, dict[str, Tensor]]:
     if not has_ip_adapter(unet):
         raise ValueError("the UNet carries no IP-Adapter (adapter=ip_adapter)")
     projection = unet.encoder_hid_proj.image_projection_layers[0]
-    image_proj = {"proj.weight": projection.image_embeds.weight, "proj.bias": projection.image_embeds.bias,
-                  "norm.weight": projection.norm.weight, "norm.bias": projection.norm.bias}
     layers = {}
     for i, (_, proc) in enumerate(cross_attention_processors(unet)):
         layers[f"{2 * i + 1}.to_k_ip.weight"] = proc.to_k_ip[0].weight
         layers[f"{2 * i + 1}.to_v_ip.weight"] = proc.to_v_ip[0].weight
-    detach = lambda d: {k: v.detach().float().cpu().contiguous() for k, v in d.items()}  # noqa: E731
-    return {"image_proj": detach(image_proj), "ip_adapter": detach(layers)}
+    return {"image_proj": released(projection_layout(projection.image_embeds, projection.norm)),
+            "ip_adapter": released(layers)}
 
 
 def save_ip_adapter(backbone: nn.Module, directory: str | Path) -> list[Path]:
@@ -223,8 +235,7 @@ def add_our_ip_adapter(backbone: nn.Module, embed_dim: int) -> None:
                          "text conditioning, whose cross-attention the image tokens join")
     if backbone.image_projection is not None:
         raise ValueError(f"the {kind} has an IP-Adapter already")
-    if embed_dim < 1:
-        raise ValueError(f"adapter.image_embed_dim={embed_dim}: the image encoder's embedding width must be >= 1")
+    check_embed_dim(embed_dim)
     backbone.image_projection = ImageProjection(embed_dim, attentions[0].kv.in_features)
     for attn in attentions:
         attn.ip_kv = copy.deepcopy(attn.kv).requires_grad_(True)

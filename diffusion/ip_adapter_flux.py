@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from diffusion.ip_adapter import check_embed_dim, projection_layout, released
+
 #: Image tokens per embedding: what diffusers' FLUX loader assumes unless the projection is 65536 wide.
 NUM_TOKENS = 4
 
@@ -61,9 +63,8 @@ def initial_state_dict(transformer: nn.Module, embed_dim: int) -> dict[str, dict
     if NUM_TOKENS * width == 65536:
         raise ValueError(f"joint_attention_dim={width}: diffusers' FLUX loader reads a 65536-wide projection as 16 "
                          "tokens, not the 4 this adapter trains")
-    proj, norm = nn.Linear(embed_dim, NUM_TOKENS * width), nn.LayerNorm(width)
-    image_proj = {"proj.weight": proj.weight.detach(), "proj.bias": proj.bias.detach(),
-                  "norm.weight": norm.weight.detach(), "norm.bias": norm.bias.detach()}
+    image_proj = {k: v.detach() for k, v in projection_layout(nn.Linear(embed_dim, NUM_TOKENS * width),
+                                                               nn.LayerNorm(width)).items()}
     layers: dict[str, Tensor] = {}
     for i in range(len(transformer.transformer_blocks)):
         for kv in ("k", "v"):
@@ -79,8 +80,7 @@ def add_ip_adapter(transformer: nn.Module, embed_dim: int, state: dict[str, dict
     or a new one (:func:`initial_state_dict`). Its scale starts at 1."""
     if has_ip_adapter(transformer):
         raise ValueError("the FLUX transformer has an IP-Adapter already; adapter=ip_adapter adds one to a plain one")
-    if embed_dim < 1:
-        raise ValueError(f"adapter.image_embed_dim={embed_dim}: the image encoder's embedding width must be >= 1")
+    check_embed_dim(embed_dim)
     state = state if state is not None else initial_state_dict(transformer, embed_dim)
     transformer._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
 
@@ -90,14 +90,12 @@ def ip_adapter_state_dict(transformer: nn.Module) -> dict[str, dict[str, Tensor]
     if not has_ip_adapter(transformer):
         raise ValueError("the FLUX transformer carries no IP-Adapter (adapter=ip_adapter)")
     projection = transformer.encoder_hid_proj.image_projection_layers[0]
-    image_proj = {"proj.weight": projection.image_embeds.weight, "proj.bias": projection.image_embeds.bias,
-                  "norm.weight": projection.norm.weight, "norm.bias": projection.norm.bias}
     layers = {}
     for i, proc in enumerate(ip_processors(transformer)):
         for kv, maps in (("k", proc.to_k_ip), ("v", proc.to_v_ip)):
             layers[f"{i}.to_{kv}_ip.weight"], layers[f"{i}.to_{kv}_ip.bias"] = maps[0].weight, maps[0].bias
-    detach = lambda d: {k: v.detach().float().cpu().contiguous() for k, v in d.items()}  # noqa: E731
-    return {"image_proj": detach(image_proj), "ip_adapter": detach(layers)}
+    return {"image_proj": released(projection_layout(projection.image_embeds, projection.norm)),
+            "ip_adapter": released(layers)}
 
 
 def remove_ip_adapter(transformer: nn.Module) -> None:
