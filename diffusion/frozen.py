@@ -42,5 +42,15 @@ class FrozenModule(nn.Module):
             self.__dict__["_weights_sha256"] = cached
         return cached[1]
 
+    @property
+    def device(self) -> torch.device:
+        """Where its weights are."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What its weights are stored in."""
+        return next(self.parameters()).dtype
+
     def train(self, mode: bool = True) -> "FrozenModule":
         return super().train(False)

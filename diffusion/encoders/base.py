@@ -52,14 +52,6 @@ class TextEncoder(FrozenModule, ABC):
             raise ValueError(f"null_condition expects batch_size >= 1, got {batch_size}.")
         return self([""]).expand(batch_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def fingerprint(self) -> dict[str, str]:
         """What determines the encodings, e.g. to check that cached text embeddings match this encoder."""
         return {

@@ -45,14 +45,6 @@ class ImageEncoder(FrozenModule):
     num_tokens: int
     source: str
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def check_images(self, images: Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W) in [-1, 1], got "
