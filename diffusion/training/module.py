@@ -200,16 +200,15 @@ class DiffusionModule(L.LightningModule):
             return cond
         return cond.replace(**self.image_condition(batch, self.encode_condition))
 
-    def null_condition(self, batch_size: int, cond: Conditioning) -> Conditioning:
-        """The null condition of ``cond``: the conditioner's, the image condition's null fields (zero
-        image embeddings), and ``cond``'s kept fields (its control, concatenated latents, sizes)."""
-        null = self.conditioner.null(batch_size, self.device)
-        if batch_size == cond.batch_size:  # guidance's; dropout's B = 1 null leaves kept fields to drop_condition
-            null = null.keeping(cond)
+    def null_condition(self, cond: Conditioning) -> Conditioning:
+        """The null condition of ``cond``, of its batch size: the conditioner's, the image condition's null
+        fields (zero image embeddings), and ``cond``'s kept fields (its control, concatenated latents,
+        sizes). Condition dropout and classifier-free guidance both take it."""
+        null = self.conditioner.null(cond.batch_size or 1, self.device).keeping(cond)
         if self.image_condition is None:
             return null
         fields = self.image_condition.null(dict(cond.items()))
-        return null.replace(**{name: value.expand(batch_size, *value.shape[1:]) for name, value in fields.items()})
+        return null.replace(**{name: value.expand(cond.batch_size, *value.shape[1:]) for name, value in fields.items()})
 
     def configure_model(self) -> None:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp)
@@ -247,7 +246,7 @@ class DiffusionModule(L.LightningModule):
         x0 = self.latents(batch, key)
         draws = self._draws(x0, key=key, drop_probability=self.cond_dropout, offset_noise=self.offset_noise)
         cond = self.condition(batch)
-        cond = drop_condition(cond, self.null_condition(1, cond), self.cond_dropout, drop=draws.drop)
+        cond = drop_condition(cond, self.null_condition(cond), self.cond_dropout, drop=draws.drop)
         cond = with_time_ids(cond, batch, self.backbone)  # SDXL's image sizes: kept when the caption is dropped
         out = self.objective(partial(self.model(self.backbone), cond=cond), x0, t=draws.t, noise=draws.noise)
         if batch.get("loss_weight") is not None:  # e.g. DreamBooth's prior preservation (diffusion.data.dreambooth)
@@ -350,7 +349,7 @@ class DiffusionModule(L.LightningModule):
         scale = s.cfg_scale if cfg_scale is None else cfg_scale
         with self.ema.applied(self.backbone) as averaged:  # the EMA weights' module
             backbone = self.model(autocast_backbone(averaged, self.device, precision))
-            model = ClassifierFreeGuidance(backbone, cond, self.null_condition(num, cond), scale)
+            model = ClassifierFreeGuidance(backbone, cond, self.null_condition(cond), scale)
             times = (grid or s.grid)(steps or s.steps)
             x = randn((num, *self.image_shape), generator, self.device, torch.float32)
             if (prior_std := self.schedule.prior_std(times[0].item())) != 1:  # a variance-exploding path
