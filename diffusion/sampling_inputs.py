@@ -87,9 +87,7 @@ def load_inputs(cfg: Any, model: Any) -> SamplingInputs | None:
         if given:
             raise ValueError(f"{', '.join(given)}=...: this checkpoint's model takes no image condition; leave them out")
         return None
-    wanted = [option for option, key in OPTIONS.items() if key in condition.needs]
-    if condition.name == "imageprompt":
-        wanted = ["ip_image"]
+    wanted = [option for option, key in OPTIONS.items() if key in condition.request_keys]
     unknown, missing = sorted(set(given) - set(wanted)), [o for o in wanted if o not in given]
     if unknown or missing:
         raise ValueError(f"this model's image_condition={condition.name} takes {', '.join(f'{o}=PATH' for o in wanted)} "

@@ -46,6 +46,12 @@ class ImageCondition(nn.Module, ABC):
     fields: tuple[str, ...] = ()
     #: The batch keys it reads: what a sampling request gives (sample.py's options).
     needs: tuple[str, ...] = ()
+    #: The batch keys a sampling request gives instead (sample.py's options); None: ``needs``.
+    requests: tuple[str, ...] | None = None
+
+    @property
+    def request_keys(self) -> tuple[str, ...]:
+        return self.needs if self.requests is None else self.requests
 
     def concat_channels(self, latent_channels: int) -> int:
         """The channels it concatenates to x_t: the backbone's extra input channels."""
@@ -58,7 +64,7 @@ class ImageCondition(nn.Module, ABC):
         if all(name in batch for name in self.fields):  # a cached batch
             return {name: batch[name] for name in self.fields}
         missing = [key for key in self.needs if batch.get(key) is None]
-        if missing:
+        if missing and any(batch.get(key) is None for key in self.request_keys):
             raise ValueError(f"image_condition={self.name} needs batch keys {list(self.needs)}, the batch lacks "
                              f"{missing}: {self.hint}")
         return self.compute(batch, encode)
@@ -176,19 +182,15 @@ class ImagePrompt(ImageCondition):
     when the batch has no other (Ye et al. 2023 train on the image as its own prompt). Dropped with
     the prompt; the null condition is zeros (diffusers' negative image embeddings)."""
 
-    fields, needs = ("image_embeds",), ("image",)
+    fields, needs, requests = ("image_embeds",), ("image",), ("ip_image",)
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, batch: Mapping[str, Any], encode: Encode) -> dict[str, Tensor]:
-        if "image_embeds" not in batch and batch.get("ip_image") is not None:
-            return {"image_embeds": self.encoder(_conditioning_images(batch, "ip_image"))}
-        return super().forward(batch, encode)
-
     def compute(self, batch: Mapping[str, Any], encode: Encode) -> dict[str, Tensor]:
-        return {"image_embeds": self.encoder(_conditioning_images(batch, "image"))}
+        key = "ip_image" if batch.get("ip_image") is not None else "image"  # a request's prompt, else the image
+        return {"image_embeds": self.encoder(_conditioning_images(batch, key))}
 
     def null(self, fields: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {"image_embeds": torch.zeros_like(fields["image_embeds"][:1])}
