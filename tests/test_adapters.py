@@ -19,6 +19,7 @@ from diffusion.conditioning import Conditioning
 from diffusion.schedules import DDPM
 from diffusion.training.module import DiffusionModule
 from tests.conftest import FAST, StopAtStep, compose_config  # noqa: F401 - StopAtStep: by its Hydra path
+from tests.seeded import randn as _randn
 from tests.tiny_encoders import (  # noqa: F401 - no_network: any connection fails the test
     TINY_SD_UNET,
     TINY_VAE_CONFIGS,
@@ -29,10 +30,6 @@ from tests.tiny_encoders import (  # noqa: F401 - no_network: any connection fai
 
 WIDTH = TINY_SD_UNET["cross_attention_dim"]
 DIGITS = [o for o in FAST if not o.startswith("backbone")]  # the default backbone: dit_digits
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _unet(directory: Path | None = None, seed: int = 0) -> DiffusersUNet:

@@ -19,22 +19,11 @@ from diffusion.conditioning import Conditioning
 from diffusion.controlnet import Controlled, controlnet_for, set_control_scale
 from diffusion.schedules import DDPM
 from diffusion.training.module import DiffusionModule
+from tests.seeded import perturb as _perturb, randn as _randn
 from tests.tiny_encoders import TINY_SD_UNET, TINY_VAE_CONFIGS, no_network  # noqa: F401 - no_network: offline
 
 WIDTH = TINY_SD_UNET["cross_attention_dim"]
 N = 1000
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    """Trained-looking weights: the zero convolutions (and everything else) moved off their init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 # --- our UNet ------------------------------------------------------------------------------------------

@@ -14,14 +14,11 @@ from diffusion.adapters import LoRA
 from diffusion.backbones import DiffusersUNet, FluxTransformer, SD3Transformer
 from diffusion.conditioning import Conditioning
 from tests.conftest import CONF
+from tests.seeded import randn as _randn
 from tests.tiny_encoders import TINY_SD_UNET, no_network  # noqa: F401 - no_network: autouse
 from tests.tiny_mmdit import POOLED, WIDTH, tiny_transformer
 
 KINDS = ["unet", "sd3", "flux"]
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _backbone(kind: str, **kwargs) -> torch.nn.Module:

@@ -21,11 +21,8 @@ from diffusion.samplers import PerSampleNoise
 from diffusion.sampling_job import to_uint8
 from diffusion.sampling_options import noise_seed
 from tests.conftest import FAST, ROOT, compose_config
+from tests.seeded import randn as _randn
 from tests.tiny_encoders import TINY_SD_UNET, tiny_sd_unet
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _without_extra_channels(with_concat: torch.nn.Module, plain: torch.nn.Module, conv: str) -> None:

@@ -30,6 +30,7 @@ from diffusion.samplers import ClassifierFreeGuidance, ddim, grids
 from diffusion.schedules import DDPM
 from diffusion.training.module import DiffusionModule
 from tests.conftest import compose_config
+from tests.seeded import randn as _randn
 from tests.tiny_encoders import TINY_SD_UNET, TINY_VAE_CONFIGS, no_network  # noqa: F401 - no_network: offline
 
 WIDTH = TINY_SD_UNET["cross_attention_dim"]
@@ -37,10 +38,6 @@ WIDTH = TINY_SD_UNET["cross_attention_dim"]
 TINY_VISION = dict(hidden_size=16, intermediate_size=32, projection_dim=24, num_hidden_layers=1,
                    num_attention_heads=2, image_size=32, patch_size=8)
 EMBED = TINY_VISION["projection_dim"]
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _encoder(seed: int = 0) -> CLIPImageEncoder:

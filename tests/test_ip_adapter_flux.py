@@ -20,16 +20,13 @@ from diffusion.ip_adapter_flux import NUM_TOKENS, ip_processors
 from diffusion.samplers import ClassifierFreeGuidance, euler, grids
 from diffusion.schedules import FlowMatching
 from diffusion.timesteps import FluxShift
+from tests.seeded import randn as _randn
 from tests.tiny_encoders import no_network  # noqa: F401 - autouse: offline
 from tests.tiny_mmdit import POOLED, TINY_FLUX, WIDTH, tiny_transformer
 
 EMBED = 24  # the image encoder's embedding width (XLabs': CLIP ViT-L/14's 768)
 # Two double-stream blocks, so that the file's block numbering is tested.
 FLUX = dict(num_layers=2)
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _ours(theirs) -> FluxTransformer:

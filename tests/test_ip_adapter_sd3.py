@@ -21,6 +21,7 @@ from diffusion.ip_adapter import WEIGHT_NAMES, IPAdapter, save_ip_adapter, set_i
 from diffusion.ip_adapter_sd3 import ip_processors
 from diffusion.samplers import ClassifierFreeGuidance, euler, grids
 from diffusion.schedules import FlowMatching
+from tests.seeded import randn as _randn
 from tests.test_ip_adapter import _images, _ours as _pixels
 from tests.tiny_encoders import no_network  # noqa: F401 - autouse: offline
 from tests.tiny_mmdit import POOLED, TINY_FLUX, WIDTH, tiny_transformer
@@ -30,10 +31,6 @@ SIGLIP = dict(hidden_size=EMBED, intermediate_size=37, num_hidden_layers=3, num_
               patch_size=8)
 # A narrow resampler (InstantX's: hidden 1280, 20 heads of 64, 64 queries, a 320-wide timestep embedding).
 RESAMPLER = dict(hidden_dim=64, heads=1, num_queries=4, timestep_in_dim=16)
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _wrap(theirs) -> SD3Transformer:

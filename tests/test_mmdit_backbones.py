@@ -29,6 +29,7 @@ from diffusion.schedules import FlowMatching
 from diffusion.timesteps import FluxShift
 from tests.conftest import CONF, FAST, compose_config
 from tests.make_captioned_folder import make_captioned_folder
+from tests.seeded import randn as _randn
 from tests.tiny_encoders import no_network, save_tiny_hf, trained_weights  # noqa: F401 - no_network: autouse
 from tests.tiny_mmdit import (
     POOLED,
@@ -40,10 +41,6 @@ from tests.tiny_mmdit import (
     save_pipeline_parts,
     tiny_transformer,
 )
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
 
 _tiny = tiny_transformer
 

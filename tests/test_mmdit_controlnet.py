@@ -20,6 +20,7 @@ from diffusion.conditioning import Conditioning
 from diffusion.controlnet import controlnet_for
 from diffusion.schedules import FlowMatching
 from diffusion.training.module import DiffusionModule
+from tests.seeded import perturb as _perturb, randn as _randn
 from tests.tiny_encoders import TINY_VAE_CONFIGS, no_network  # noqa: F401 - no_network: offline
 from tests.tiny_mmdit import POOLED, TINY_FLUX, TINY_SD3, WIDTH
 
@@ -28,17 +29,6 @@ KINDS = ("sd3", "flux")
 # SD3 3 joint blocks (the last one's residual is dropped by diffusers: context_pre_only), FLUX 3
 # double-stream and 2 single-stream blocks.
 BASES = {"sd3": {**TINY_SD3, "num_layers": 3}, "flux": {**TINY_FLUX, "num_layers": 3, "num_single_layers": 2}}
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _base(kind: str, seed: int = 0, **kwargs):

@@ -25,6 +25,7 @@ from diffusion.samplers import ClassifierFreeGuidance, ddim, euler, grids
 from diffusion.schedules import DDPM
 from tests.conftest import FAST, compose_config
 from tests.make_captioned_folder import make_captioned_folder
+from tests.seeded import randn as _randn
 from tests.tiny_encoders import (  # noqa: F401 - no_network: any connection fails the test
     TINY_OPENCLIP_CONFIG,
     TINY_SD_UNET,
@@ -42,10 +43,6 @@ SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.01
 
 def _saved_unet(directory: Path, seed: int = 0) -> tuple[UNet2DConditionModel, Path]:
     return save_tiny_sd_unet(directory, seed), directory
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _ours(unet: UNet2DConditionModel, **kwargs) -> DiffusersUNet:

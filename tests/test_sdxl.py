@@ -21,6 +21,7 @@ from diffusion.samplers import ClassifierFreeGuidance, euler, grids
 from diffusion.schedules import DDPM
 from tests.conftest import CONF, FAST, compose_config
 from tests.make_captioned_folder import make_captioned_folder
+from tests.seeded import randn as _randn
 from tests.tiny_encoders import TINY_SD_UNET, TINY_VAE_CONFIGS, no_network, save_tiny_hf, trained_weights  # noqa: F401
 
 # The two tiny CLIP encoders are 32 wide each (768 and 1280 in SDXL): the UNet cross-attends to 64;
@@ -33,10 +34,6 @@ TINY_SDXL_UNET = dict(TINY_SD_UNET, cross_attention_dim=WIDTH, addition_embed_ty
 SDXL_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                       timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
                       prediction_type="epsilon")
-
-
-def _randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
